@@ -1,0 +1,26 @@
+"""Command line: `python -m tlflax.main --config configs/NAME.py[:ARG] --workdir DIR`.
+
+Any config field can be overridden, e.g. `--config.optim.lr=0.01`. Running the
+same command on the same DIR resumes from its latest checkpoint.
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from tlflax import xla_env
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and logs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.info("XLA_FLAGS=%s", xla_env.configure())  # Before JAX creates its backend.
+  from tlflax import train  # pylint: disable=g-import-not-at-top
+  train.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

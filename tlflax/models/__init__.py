@@ -1,0 +1,107 @@
+"""The model zoo: one registry, one call.
+
+`create_model("mobilenet_v2", pretrained=True, num_classes=10)` returns the
+Flax module and its variables, with the backbone filled from the converted
+ImageNet checkpoint and a freshly initialised head for the new class count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tlflax.models import mobilenet
+from tlflax.models.classifier import ImageClassifier
+from tlflax.pretrained import weights as weights_lib
+from tlflax.registry import Registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """How to build one architecture and what its checkpoints look like."""
+  backbone: Callable[..., nn.Module]
+  stages: Tuple[Tuple[str, str], ...]
+  dropout: float = 0.0
+  source_format: str = "torchvision"
+
+
+MODELS = Registry("model")
+MODELS.register("mobilenet_v2", ModelSpec(mobilenet.MobileNetV2, mobilenet.STAGES, dropout=0.2))
+
+
+def list_models(pattern: Optional[str] = None, pretrained: bool = False):
+  """Registered model names, filtered by a wildcard and/or having a default weight."""
+  names = MODELS.names(pattern)
+  return [n for n in names if n in weights_lib.DEFAULT_WEIGHT] if pretrained else names
+
+
+def is_weight_path(pretrained: Any) -> bool:
+  return isinstance(pretrained, (str, os.PathLike)) and (
+      os.sep in str(pretrained) or str(pretrained).endswith((".pth", ".pt", ".bin")))
+
+
+def weight_config(name: str, pretrained: Any) -> Optional[weights_lib.WeightConfig]:
+  """The weight config behind `pretrained` (None for random init or a bare file)."""
+  if not pretrained or is_weight_path(pretrained):
+    return weights_lib.WEIGHTS.get(weights_lib.DEFAULT_WEIGHT[name]) if (
+        pretrained and name in weights_lib.DEFAULT_WEIGHT) else None
+  return weights_lib.for_model(name, pretrained)
+
+
+def create_model(name: str, *, num_classes: Optional[int] = None,
+                 pretrained: Union[bool, str, None] = None, weights_dir: Optional[str] = None,
+                 dtype: Any = None, frozen_bn: Tuple[str, ...] = (), seed: int = 0,
+                 dropout: Optional[float] = None, **backbone_kwargs) -> Tuple[nn.Module, Dict]:
+  """Builds a classifier and its variables.
+
+  Args:
+    name: a registered model name (`tlflax.list_models()`), torchvision naming.
+    num_classes: classes of the head; defaults to the checkpoint's (1000).
+    pretrained: None/False (random init), True (default ImageNet weight), a
+      weight tag (`"tv_in1k"` or `"mobilenet_v2.tv_in1k"`) or a `.pth` path.
+    weights_dir: an extra folder to search for weight files.
+    dtype: compute dtype (e.g. `jnp.bfloat16`); parameters stay float32.
+    frozen_bn: regexes of BatchNorm layer paths that keep running statistics in training.
+    backbone_kwargs: architecture options (e.g. `width_mult=0.25` for a tiny variant).
+  """
+  spec = MODELS.get(name)
+  weight = weight_config(name, pretrained)
+  num_classes = num_classes or (weight.num_classes if weight else 1000)
+  module = ImageClassifier(
+      backbone=spec.backbone(dtype=dtype, frozen_bn=tuple(frozen_bn), **backbone_kwargs),
+      num_classes=num_classes, dropout=spec.dropout if dropout is None else dropout, dtype=dtype)
+  variables = init_variables(module, seed)
+  if pretrained:
+    variables = load_pretrained(name, spec, variables, pretrained, weight, weights_dir)
+  return module, variables
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(module: nn.Module, rng):
+  # 32 px is the smallest input every zoo model accepts; shapes don't depend on it.
+  return module.init(rng, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
+
+
+def init_variables(module: nn.Module, seed: int = 0) -> Dict:
+  return jax.tree_util.tree_map(lambda x: x, dict(_init(module, jax.random.key(seed))))
+
+
+def load_pretrained(name, spec, variables, pretrained, weight, weights_dir) -> Dict:
+  """Fills `variables` from the converted checkpoint; the head is kept if its shape differs."""
+  from tlflax.pretrained import load as load_lib  # Deferred: conversion is rarely needed.
+  if is_weight_path(pretrained):
+    flat = load_lib.converted_file(str(pretrained), name, spec.source_format)
+  else:
+    flat = load_lib.converted_weight(weight, weights_dir)
+  merged, report = load_lib.merge(variables, flat)
+  log.info("Loaded %d pretrained tensors into %s; re-initialised: %s", len(report["loaded"]),
+           name, report["reinitialised"] or "none")
+  return merged

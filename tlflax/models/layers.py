@@ -1,0 +1,99 @@
+"""Building blocks shared by the backbones: conv + BatchNorm + activation.
+
+Names follow the structure of the torchvision models (a `conv` and a `bn` child
+per block) so that the checkpoint converters stay short, readable tables.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tlflax.ops.depthwise import depthwise_conv2d
+
+Padding = Tuple[Tuple[int, int], Tuple[int, int]]
+
+# torchvision initialises convolutions with kaiming_normal(mode="fan_out").
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def same_padding(kernel: int, stride: int = 1, dilation: int = 1) -> Padding:
+  """PyTorch-style symmetric padding `(k - 1) // 2 * dilation`; not TF "SAME"."""
+  p = (kernel - 1) // 2 * dilation
+  return ((p, p), (p, p))
+
+
+def batch_norm(parent: nn.Module, train: bool, name: str = "bn",
+               epsilon: float = 1e-5, frozen_patterns: Sequence[str] = ()) -> nn.BatchNorm:
+  """A torchvision-equivalent BatchNorm whose training mode is chosen per layer.
+
+  `frozen_patterns` are regexes (full match) over the layer's path, e.g.
+  `backbone/features_3/dw/bn`; a matching layer normalises with its running
+  statistics and never updates them, even when `train=True`. This is how
+  `bn_mode="follow_params"` freezes the statistics of frozen layers.
+  Momentum 0.9 is flax's convention for torch's momentum 0.1.
+  """
+  path = "/".join((*parent.path, name))
+  frozen = any(re.fullmatch(p, path) for p in frozen_patterns)
+  return nn.BatchNorm(use_running_average=not train or frozen, momentum=0.9,
+                      epsilon=epsilon, dtype=getattr(parent, "dtype", None), name=name)
+
+
+class DepthwiseConv(nn.Module):
+  """Depthwise convolution (channel multiplier 1) with a per-platform kernel.
+
+  The parameter is `kernel` of shape (kh, kw, 1, C), exactly what `nn.Conv`
+  with `feature_group_count=C` would hold, so checkpoints do not depend on the
+  implementation chosen by `tlflax.ops.depthwise`.
+  """
+  kernel_size: Tuple[int, int] = (3, 3)
+  strides: Tuple[int, int] = (1, 1)
+  padding: Padding = ((1, 1), (1, 1))
+  use_bias: bool = False
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    kernel = self.param("kernel", conv_init, (*self.kernel_size, 1, channels), jnp.float32)
+    dtype = self.dtype or x.dtype
+    y = depthwise_conv2d(x.astype(dtype), kernel.astype(dtype), strides=self.strides,
+                         padding=self.padding)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (channels,), jnp.float32).astype(dtype)
+    return y
+
+
+class ConvBN(nn.Module):
+  """Conv (no bias) -> BatchNorm -> optional activation: torchvision's Conv2dNormActivation.
+
+  `depthwise=True` makes a channel-multiplier-1 depthwise convolution that runs
+  through `tlflax.ops.depthwise` (fast shifted form on CPU).
+  """
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  depthwise: bool = False
+  activation: Optional[Callable] = nn.relu6
+  padding: Optional[Padding] = None
+  bn_epsilon: float = 1e-5
+  frozen_bn: Tuple[str, ...] = ()
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    k, s = self.kernel_size, self.strides
+    padding = self.padding or same_padding(k)
+    if self.depthwise:
+      if x.shape[-1] != self.features:
+        raise ValueError(f"{'/'.join(self.path)}: depthwise conv needs in == out channels, "
+                         f"got {x.shape[-1]} -> {self.features}.")
+      x = DepthwiseConv((k, k), (s, s), padding, dtype=self.dtype, name="conv")(x)
+    else:
+      x = nn.Conv(self.features, (k, k), (s, s), padding=padding, use_bias=False,
+                  kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
+    x = batch_norm(self, train, epsilon=self.bn_epsilon, frozen_patterns=self.frozen_bn)(x)
+    return self.activation(x) if self.activation is not None else x

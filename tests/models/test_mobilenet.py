@@ -35,7 +35,7 @@ def test_random_tiny_model_matches_torchvision():
   assert not report["reinitialised"] and not report["unused"]
   x = np.random.RandomState(0).randn(2, 64, 64, 3).astype(np.float32)
   with jax.default_matmul_precision("highest"):
-    logits = module.apply(variables, x, train=False)
+    logits = jax.jit(module.apply)(variables, x)
   assert relative_error(logits, torch_logits(reference, x)) < 1e-5
 
 
@@ -64,7 +64,7 @@ def test_imagenet_weights_match_torchvision():
 def test_feature_maps_have_strides_4_to_32():
   module, variables = tlflax.create_model("mobilenet_v2", width_mult=0.25)
   x = np.zeros((1, 64, 64, 3), np.float32)
-  features = module.backbone.apply({k: v["backbone"] for k, v in variables.items()}, x)
+  features = jax.jit(module.backbone.apply)({k: v["backbone"] for k, v in variables.items()}, x)
   assert {k: v.shape[1] for k, v in features.items()} == {
       "stride_4": 16, "stride_8": 8, "stride_16": 4, "stride_32": 2}
 

@@ -1,0 +1,24 @@
+"""Datasets, preprocessing and batching for transfer learning (numpy out).
+
+  cfg = data.default_config()
+  cfg.name, cfg.root = "folder", "../shared/data/hymenoptera"
+  pipe = data.build(cfg, batch_size=32, eval_batch_size=64, seed=0)
+  for batch in pipe.train_batches(start_step=0): ...  # image, label
+  for batch in pipe.eval_batches(): ...  # image, label, mask
+
+Register a dataset with `@data.register_dataset("name")` over a
+`builder(config) -> SplitSource`.
+"""
+from tlflax.data.config import default_config
+from tlflax.data.pipeline import build, IMAGENET_MEAN, IMAGENET_STD, Pipeline
+from tlflax.data.registry import build_source, DATASETS, register_dataset
+from tlflax.data.source import Records, SplitSource
+# Importing the dataset modules registers them.
+from tlflax.data import digits as _digits  # noqa: F401
+from tlflax.data import folder as _folder  # noqa: F401
+from tlflax.data import tfds_datasets as _tfds_datasets  # noqa: F401
+
+__all__ = [
+    "build", "build_source", "DATASETS", "default_config", "IMAGENET_MEAN",
+    "IMAGENET_STD", "Pipeline", "Records", "register_dataset", "SplitSource",
+]

@@ -1,0 +1,49 @@
+"""The data config: every field the builders, preprocessing and pipeline read.
+
+One flat ConfigDict so `--config.data.<field>=...` overrides work for any
+dataset; fields a dataset does not use are ignored by it. `None` placeholders
+mean "the dataset's / preprocessing's own default" and still type-check
+overrides.
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "png", "bmp")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "digits"  # Registered dataset, see `data.DATASETS.names()`.
+
+  # Splits. eval_split None -> "val" for `folder`, "test" for TFDS datasets.
+  c.train_split = "train"
+  c.eval_split = config_dict.placeholder(str)
+  c.split_seed = 0  # `digits`: seed of the fixed stratified 80/20 split.
+
+  # `folder`: <root>/<train_split>/<class>/<image>, same for eval_split.
+  c.root = config_dict.placeholder(str)  # Absolute or relative to the cwd.
+  c.extensions = DEFAULT_EXTENSIONS  # Case-insensitive; others are skipped.
+  c.verify_images = True  # Fully decode every file with PIL at build time.
+  c.strict = False  # Raise on any skipped file instead of reporting it.
+
+  # TFDS datasets (cifar10, cifar100, svhn_cropped, mnist).
+  c.tfds_data_dir = config_dict.placeholder(str)
+  c.image_key = "image"
+  c.label_key = "label"
+  c.shuffle_buffer = 10_000  # Only for datasets read as streams (TFDS).
+
+  # Preprocessing.
+  c.image_size = 224
+  c.resize_size = config_dict.placeholder(int)  # None: round(image_size/0.875).
+  c.train_crop = "random_resized_crop"  # Or "resize" (tiny images).
+  c.crop_scale = (0.08, 1.0)  # Area range of random_resized_crop.
+  c.crop_ratio = (3 / 4, 4 / 3)  # Aspect-ratio range of random_resized_crop.
+  c.flip = True  # Random horizontal flip (train only).
+  c.eval_crop = "center_crop"  # Or "resize".
+
+  # Keep decoded images in memory. None: only sources already in memory
+  # (`digits`), i.e. off for folders and TFDS.
+  c.cache = config_dict.placeholder(bool)
+  return c

@@ -1,0 +1,128 @@
+"""Image preprocessing: pure tf functions on one example.
+
+Random ops are stateless and take their seed as an argument; the pipeline
+derives it from (seed, epoch, example index), so a batch can be rebuilt bit
+for bit (same seed, resumed run, other process count). All resizing is
+bilinear with antialiasing, which only changes anything when shrinking.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import ml_collections
+import tensorflow as tf
+
+TRAIN_CROPS = ("random_resized_crop", "resize")
+EVAL_CROPS = ("center_crop", "resize")
+CENTER_CROP_FRACTION = 0.875  # 224 of 256, the usual ImageNet eval ratio.
+
+
+def decode_image(data: tf.Tensor) -> tf.Tensor:
+  """Encoded bytes -> uint8 [H, W, 3]; grey/RGBA become RGB, GIFs frame 0."""
+  image = tf.io.decode_image(data, channels=3, expand_animations=False,
+                             dtype=tf.uint8)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def resize(image: tf.Tensor, height, width) -> tf.Tensor:
+  """Bilinear, antialiased resize to [height, width]; returns float32."""
+  return tf.image.resize(image, tf.stack([height, width]), method="bilinear",
+                         antialias=True)
+
+
+def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
+                        scale: Sequence[float] = (0.08, 1.0),
+                        ratio: Sequence[float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+  """Inception-style crop: random area/aspect box, resized to size x size.
+
+  Falls back to the whole image when no box fits within 10 attempts.
+  """
+  begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.shape(image), bounding_boxes=tf.zeros([0, 0, 4]), seed=seed,
+      min_object_covered=0.0, aspect_ratio_range=tuple(ratio),
+      area_range=tuple(scale), max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  crop = tf.slice(image, begin, crop_size)
+  return tf.ensure_shape(resize(crop, size, size), [size, size, 3])
+
+
+def resize_shorter_side(image: tf.Tensor, size: int) -> tf.Tensor:
+  """Resizes so the shorter side is `size`, keeping the aspect ratio."""
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = size / tf.reduce_min(shape)
+  new = tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), size)
+  return resize(image, new[0], new[1])
+
+
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """The central size x size window (image sides must be >= size)."""
+  shape = tf.shape(image)
+  top = (shape[0] - size) // 2
+  left = (shape[1] - size) // 2
+  crop = tf.image.crop_to_bounding_box(image, top, left, size, size)
+  return tf.ensure_shape(crop, [size, size, 3])
+
+
+def eval_resize_size(image_size: int, resize_size=None) -> int:
+  """Shorter side before the eval center crop: default image_size / 0.875."""
+  if resize_size is None:
+    return int(round(image_size / CENTER_CROP_FRACTION))
+  if resize_size < image_size:
+    raise ValueError(f"resize_size={resize_size} is smaller than "
+                     f"image_size={image_size}; the center crop would not fit.")
+  return int(resize_size)
+
+
+def normalize(image: tf.Tensor, mean: Sequence[float],
+              std: Sequence[float]) -> tf.Tensor:
+  """(x / 255 - mean) / std in float32; mean/std are per channel in [0, 1]."""
+  image = tf.cast(image, tf.float32) / 255.0
+  return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def _check_option(name: str, value: str, options: Sequence[str]) -> None:
+  if value not in options:
+    raise ValueError(f"config.{name}={value!r} is not one of {list(options)}.")
+
+
+def train_transform(config: ml_collections.ConfigDict, mean, std
+                    ) -> Callable[[dict, tf.Tensor], dict]:
+  """(example, seed [2]) -> {"image": float32 [S, S, 3], "label": int32}."""
+  _check_option("train_crop", config.train_crop, TRAIN_CROPS)
+  size = config.image_size
+
+  def transform(example, seed):
+    crop_seed, flip_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 2))
+    image = example["image"]
+    if config.train_crop == "random_resized_crop":
+      image = random_resized_crop(image, crop_seed, size, config.crop_scale,
+                                  config.crop_ratio)
+    else:
+      image = tf.ensure_shape(resize(image, size, size), [size, size, 3])
+    if config.flip:
+      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    return {"image": normalize(image, mean, std),
+            "label": tf.cast(example["label"], tf.int32)}
+
+  return transform
+
+
+def eval_transform(config: ml_collections.ConfigDict, mean, std
+                   ) -> Callable[[dict], dict]:
+  """example -> {"image": float32 [S, S, 3], "label": int32}; deterministic."""
+  _check_option("eval_crop", config.eval_crop, EVAL_CROPS)
+  size = config.image_size
+  resize_size = eval_resize_size(size, config.resize_size)
+
+  def transform(example):
+    image = example["image"]
+    if config.eval_crop == "center_crop":
+      image = center_crop(resize_shorter_side(image, resize_size), size)
+    else:
+      image = tf.ensure_shape(resize(image, size, size), [size, size, 3])
+    return {"image": normalize(image, mean, std),
+            "label": tf.cast(example["label"], tf.int32)}
+
+  return transform

@@ -3,6 +3,8 @@
 Any config field can be overridden, e.g. `--config.optim.lr=0.01`. Running the
 same command on the same DIR resumes from its latest checkpoint.
 """
+import logging as logging_std
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -14,9 +16,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO chatter of orbax / tfds (hundreds of lines per checkpoint)."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or not any(
+        part in record.pathname for part in ("/orbax/", "/tensorflow_datasets/"))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.info("XLA_FLAGS=%s", xla_env.configure())  # Before JAX creates its backend.
   from tlflax import train  # pylint: disable=g-import-not-at-top
   train.run(_CONFIG.value, _WORKDIR.value)

@@ -1,0 +1,48 @@
+"""Ants vs bees (PyTorch's transfer-learning tutorial set) with ImageNet MobileNetV2.
+
+Command (from the repository root, with ../shared/data beside it):
+  python -m tlflax.main --config configs/hymenoptera.py --workdir workdirs/hymenoptera
+  python -m tlflax.main --config configs/hymenoptera.py:linear --workdir workdirs/hymenoptera_linear
+
+Data: `data.root` = ../shared/data/hymenoptera (train 244 images after the GIF
+placeholder is skipped, val 153). Strategies (the config argument):
+  last_stages (default)  stages 4-5 (features_7-18) + new head train, the rest frozen
+  linear                 only the new head trains (fixed feature extractor)
+  full                   everything trains (slow on CPU: depthwise backward)
+
+Reference (torchvision, same MobileNetV2 weights, tutorial recipe, 15 epochs, this
+machine): 0.954 full fine-tune, 0.961 fixed features (final epoch).
+Measured with tlflax: see README "Results".
+"""
+from tlflax.config import base_config
+
+RULES = {
+    "linear": [(r"head/.*", 1.0), (r"backbone/.*", "frozen")],
+    "last_stages": [(r"head/.*", 1.0), (r"backbone/features_([7-9]|1[0-8])/.*", 1.0),
+                    (r"backbone/.*", "frozen")],
+    "full": [(r".*", 1.0)],
+}
+
+
+def get_config(arg=None):
+  strategy = arg or "last_stages"
+  if strategy not in RULES:
+    raise ValueError(f"Unknown strategy {strategy!r}; choose one of {sorted(RULES)}.")
+  c = base_config()
+  c.model.name = "mobilenet_v2"
+  c.model.pretrained = True
+  c.data.name = "folder"
+  c.data.root = "../shared/data/hymenoptera"
+  c.data.image_size = 224
+  c.data.crop_scale = (0.25, 1.0)
+  c.batch_size = 16
+  c.eval_batch_size = 64
+  c.num_epochs = 15
+  c.label_smoothing = 0.1
+  c.optim.name = "momentum"
+  c.optim.lr = 0.01
+  c.optim.warmup_steps = 15
+  c.optim.weight_decay = 1e-4
+  c.optim.rules = RULES[strategy]
+  c.log_every_steps = 5
+  return c

@@ -1,0 +1,67 @@
+"""The base experiment config: every field `train.run` reads, with its default.
+
+Experiment files in `configs/` start from `base_config()` and change what they
+need, so every field exists and `--config.a.b=VALUE` overrides type-check
+(an unknown field is an error naming it).
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from tlflax import data
+
+
+def model_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "mobilenet_v2"  # `tlflax.list_models()`.
+  c.pretrained = True  # True (default ImageNet weight), a weight tag, a .pth path, or False.
+  c.weights_dir = config_dict.placeholder(str)  # Extra folder searched for weight files.
+  c.dtype = "float32"  # Compute dtype: float32 or bfloat16 (parameters stay float32).
+  # BatchNorm in training: "train" (batch statistics, running averages updated),
+  # "frozen" (running statistics everywhere), "follow_params" (frozen where the
+  # layer's parameters are frozen by optim.rules, trained elsewhere).
+  c.bn_mode = "follow_params"
+  c.dropout = config_dict.placeholder(float)  # None: the architecture's default.
+  c.kwargs = ml_collections.ConfigDict()  # Architecture options, e.g. width_mult.
+  c.mean = config_dict.placeholder(tuple)  # None: the pretrained weight's mean/std.
+  c.std = config_dict.placeholder(tuple)
+  return c
+
+
+def optim_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "momentum"  # sgd, momentum, nesterov, rmsprop, adam, adamw.
+  c.lr = 0.01
+  c.momentum = 0.9
+  c.weight_decay = 0.0  # Masked: kernels only, never norms and biases.
+  c.b1, c.b2, c.eps = 0.9, 0.999, 1e-8
+  c.rms_decay = 0.9
+  c.schedule = "cosine"  # cosine, step, constant.
+  c.warmup_steps = 0
+  c.final_lr_fraction = 0.0  # Cosine ends at lr * this.
+  c.step_boundaries = (0.5, 0.75)  # "step": fractions of the decay steps (or step numbers >= 1).
+  c.decay_factor = 0.1
+  c.grad_clip_norm = config_dict.placeholder(float)
+  # (regex over parameter paths, lr multiplier or "frozen"); full match, first wins,
+  # every parameter must be covered.
+  c.rules = [(".*", 1.0)]
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config()
+  c.data = data.default_config()
+  c.optim = optim_config()
+  c.batch_size = 32  # Global, split over all devices and processes.
+  c.eval_batch_size = 64
+  c.num_epochs = 10.0
+  c.total_steps = config_dict.placeholder(int)  # Overrides num_epochs when set.
+  c.label_smoothing = 0.0
+  c.log_every_steps = 20
+  c.eval_every_steps = config_dict.placeholder(int)  # None: once per epoch.
+  c.checkpoint_every_steps = config_dict.placeholder(int)  # None: at every eval.
+  c.keep_checkpoints = 2
+  return c

@@ -108,6 +108,7 @@ def test_main_on_hymenoptera_with_overrides(tmp_path):
 
 def test_unknown_override_is_rejected(tmp_path):
   result = run_main("--config", "configs/quickstart.py", "--workdir", str(tmp_path),
-                    "--config.optim.learning_rate=0.1")
+                    "--config.optim.lrr=0.1")
   assert result.returncode != 0
-  assert "learning_rate" in result.stderr
+  assert "Unknown config field 'optim.lrr'" in result.stderr
+  assert "Did you mean: optim.lr?" in result.stderr

@@ -65,3 +65,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = config_dict.placeholder(int)  # None: at every eval.
   c.keep_checkpoints = 2
   return c
+
+
+def check_field_path(config: ml_collections.ConfigDict, path: str) -> None:
+  """Raises a ValueError naming an unknown dotted field and its close matches."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  node, walked = config, []
+  for part in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      close = difflib.get_close_matches(part, known, n=3, cutoff=0.5)
+      where = ".".join(walked) or "the config"
+      hint = f" Did you mean: {', '.join('.'.join(walked + [c]) for c in close)}?" if close else ""
+      raise ValueError(f"Unknown config field {path!r}: {where} has no field {part!r}.{hint} "
+                       f"Fields there: {', '.join(sorted(known))}.")
+    node, walked = node[part], walked + [part]
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:ARG]` the way `--config` does."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_tlflax_config", path)
+  if module_spec is None:
+    raise ValueError(f"Config file {path!r} cannot be loaded (does it exist, ending in .py?).")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()

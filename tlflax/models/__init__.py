@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tlflax.models import mobilenet
+from tlflax.models import mobilenet, resnet
 from tlflax.models.classifier import ImageClassifier
 from tlflax.pretrained import weights as weights_lib
 from tlflax.registry import Registry
@@ -35,6 +35,8 @@ class ModelSpec:
 
 MODELS = Registry("model")
 MODELS.register("mobilenet_v2", ModelSpec(mobilenet.MobileNetV2, mobilenet.STAGES, dropout=0.2))
+for _name, _variant in resnet.VARIANTS.items():
+  MODELS.register(_name, ModelSpec(functools.partial(resnet.ResNet, **_variant), resnet.STAGES))
 
 
 def list_models(pattern: Optional[str] = None, pretrained: bool = False):

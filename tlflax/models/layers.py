@@ -77,6 +77,7 @@ class ConvBN(nn.Module):
   kernel_size: int = 3
   strides: int = 1
   depthwise: bool = False
+  groups: int = 1
   activation: Optional[Callable] = nn.relu6
   padding: Optional[Padding] = None
   bn_epsilon: float = 1e-5
@@ -94,6 +95,7 @@ class ConvBN(nn.Module):
       x = DepthwiseConv((k, k), (s, s), padding, dtype=self.dtype, name="conv")(x)
     else:
       x = nn.Conv(self.features, (k, k), (s, s), padding=padding, use_bias=False,
-                  kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
+                  feature_group_count=self.groups, kernel_init=conv_init, dtype=self.dtype,
+                  name="conv")(x)
     x = batch_norm(self, train, epsilon=self.bn_epsilon, frozen_patterns=self.frozen_bn)(x)
     return self.activation(x) if self.activation is not None else x

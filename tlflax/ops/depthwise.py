@@ -187,9 +187,18 @@ def _chunked_forward(x, kernel, strides, padding):
   chunk = _chunk_size(n, _image_bytes(x), _CONFIG["fwd_chunk_bytes"])
   if chunk == n:
     return _forward(x, kernel, strides, padding)
-  xs = x.reshape(n // chunk, chunk, *x.shape[1:])
-  ys = lax.map(lambda xc: _forward(xc, kernel, strides, padding), xs)
-  return ys.reshape(n, *ys.shape[2:])
+  if _CONFIG.get("loop") == "scan":
+    xs = x.reshape(n // chunk, chunk, *x.shape[1:])
+    ys = lax.map(lambda xc: _forward(xc, kernel, strides, padding), xs)
+    return ys.reshape(n, *ys.shape[2:])
+  out = jax.eval_shape(lambda xc: _forward(xc, kernel, strides, padding), x)
+
+  def body(b, y):
+    start = b * chunk
+    yc = _forward(lax.dynamic_slice_in_dim(x, start, chunk, 0), kernel, strides, padding)
+    return lax.dynamic_update_slice_in_dim(y, yc, start, 0)
+
+  return lax.fori_loop(0, n // chunk, body, jnp.zeros(out.shape, out.dtype))
 
 
 def _backward(x, kernel, dy, strides, padding):
@@ -209,7 +218,7 @@ def _backward(x, kernel, dy, strides, padding):
 
   if chunk == n:
     dx, dk = block(x, dy)
-  else:
+  elif _CONFIG.get("loop") == "scan":
     def body(acc, xs):
       dxc, dkc = block(*xs)
       return acc + dkc, dxc
@@ -217,6 +226,16 @@ def _backward(x, kernel, dy, strides, padding):
     split = lambda a: a.reshape(n // chunk, chunk, *a.shape[1:])
     dk, dxs = lax.scan(body, jnp.zeros((kh * kw, c), jnp.float32), (split(x), split(dy)))
     dx = dxs.reshape(x.shape)
+  else:
+    def body(b, carry):
+      dx, dk = carry
+      start = b * chunk
+      dxc, dkc = block(lax.dynamic_slice_in_dim(x, start, chunk, 0),
+                       lax.dynamic_slice_in_dim(dy, start, chunk, 0))
+      return lax.dynamic_update_slice_in_dim(dx, dxc, start, 0), dk + dkc
+
+    init = (jnp.zeros(x.shape, x.dtype), jnp.zeros((kh * kw, c), jnp.float32))
+    dx, dk = lax.fori_loop(0, n // chunk, body, init)
   return dx, dk.reshape(kh, kw, 1, c).astype(kernel.dtype)
 
 

@@ -78,3 +78,24 @@ def rename_mobilenet_v2(prefix: str, state_dict: Mapping[str, np.ndarray]) -> st
 
 CONVERTERS.register("torchvision:mobilenet_v2",
                     lambda sd: convert_state_dict(sd, rename_mobilenet_v2))
+
+
+def rename_resnet(prefix: str, state_dict: Mapping[str, np.ndarray]) -> str:
+  """torchvision ResNet module names -> tlflax paths (conv+bn pairs become one unit)."""
+  del state_dict
+  if prefix == "fc":
+    return "head"
+  if prefix in ("conv1", "bn1"):
+    return f"backbone/conv1/{'conv' if prefix == 'conv1' else 'bn'}"
+  m = re.fullmatch(r"layer(\d)\.(\d+)\.(conv|bn)(\d)", prefix)
+  if m:
+    return f"backbone/layer{m[1]}_{m[2]}/conv{m[4]}/{m[3]}"
+  m = re.fullmatch(r"layer(\d)\.(\d+)\.downsample\.([01])", prefix)
+  if m:
+    return f"backbone/layer{m[1]}_{m[2]}/downsample/{('conv', 'bn')[int(m[3])]}"
+  raise ValueError(f"Unexpected module {prefix!r} in a torchvision ResNet checkpoint.")
+
+
+for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+              "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2"):
+  CONVERTERS.register(f"torchvision:{_name}", lambda sd: convert_state_dict(sd, rename_resnet))

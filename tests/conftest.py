@@ -1,6 +1,14 @@
 """Shared test set-up: CPU only, no network, an isolated weight cache, real data paths."""
+import importlib.util
 import os
 from pathlib import Path
+
+# torch and torchvision (test-only references) must be imported before JAX and
+# TensorFlow: the other way round, torchvision's import of triton segfaults
+# (checked with torch 2.14.1 / triton 3.8.0 / tensorflow-cpu 2.21).
+if importlib.util.find_spec("torchvision") is not None:
+  import torch  # noqa: F401  pylint: disable=unused-import
+  import torchvision  # noqa: F401  pylint: disable=unused-import
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["TLFLAX_OFFLINE"] = "1"  # Never try to download in tests.

@@ -120,3 +120,13 @@ def test_eight_devices_match_one_device(tmp_path):
   # Norm-wise over all parameters and statistics: equal up to float32 summation order.
   assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-5
   np.testing.assert_allclose(one["loss"], eight["loss"], rtol=1e-5)
+
+
+def test_train_step_compiles_once():
+  """No retracing after the first step (same shapes, donated state, step as an array)."""
+  module, variables, tx, labels = tiny_setup()
+  state = steps.create_state(variables, tx)
+  step = jax.jit(steps.make_train_step(module, tx, labels), donate_argnums=0)
+  for i in range(3):
+    state, metrics = step(state, batch(i))
+  assert step._cache_size() == 1

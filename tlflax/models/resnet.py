@@ -18,15 +18,18 @@ STAGES: Tuple[Tuple[str, str], ...] = (
     ("stage3", r"layer3_\d+"), ("stage4", r"layer4_\d+"))
 
 
-class BasicBlock(nn.Module):
-  """Two 3x3 convs; used by ResNet-18/34."""
+class _Block(nn.Module):
+  """Fields shared by both residual blocks (torchvision's constructor arguments)."""
   planes: int
   strides: int = 1
   groups: int = 1
   base_width: int = 64
   frozen_bn: Tuple[str, ...] = ()
   dtype: Any = None
-  expansion = 1
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convs; used by ResNet-18/34."""
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -36,15 +39,8 @@ class BasicBlock(nn.Module):
     return nn.relu(y + _shortcut(self, x, self.planes, train, kw))
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
   """1x1 reduce -> 3x3 (strided, grouped for ResNeXt) -> 1x1 expand (x4)."""
-  planes: int
-  strides: int = 1
-  groups: int = 1
-  base_width: int = 64
-  frozen_bn: Tuple[str, ...] = ()
-  dtype: Any = None
-  expansion = 4
 
   @nn.compact
   def __call__(self, x, train: bool = False):

@@ -6,13 +6,16 @@ Command (from the repository root, with ../shared/data beside it):
 
 Data: `data.root` = ../shared/data/hymenoptera (train 244 images after the GIF
 placeholder is skipped, val 153). Strategies (the config argument):
-  last_stages (default)  stages 4-5 (features_7-18) + new head train, the rest frozen
-  linear                 only the new head trains (fixed feature extractor)
+  linear (default)       only the new head trains (fixed feature extractor)
+  last_stages            stages 4-5 (features_7-18) + new head train, the rest frozen
   full                   everything trains (slow on CPU: depthwise backward)
 
 Reference (torchvision, same MobileNetV2 weights, tutorial recipe, 15 epochs, this
 machine): 0.954 full fine-tune, 0.961 fixed features (final epoch).
-Measured with tlflax: see README "Results".
+Measured with tlflax (final epoch, 15 epochs, 2-core CPU): linear 0.961 (147/153) with seeds
+0 and 2, 0.954 with seed 1; the sweep behind the defaults is summarised in README "Results".
+Momentum SGD on the head overfits here (0.974 at epoch 2, 0.935 at the end); training more
+stages never beat the linear head (0.93-0.954).
 """
 from tlflax.config import base_config
 
@@ -25,7 +28,7 @@ RULES = {
 
 
 def get_config(arg=None):
-  strategy = arg or "last_stages"
+  strategy = arg or "linear"
   if strategy not in RULES:
     raise ValueError(f"Unknown strategy {strategy!r}; choose one of {sorted(RULES)}.")
   c = base_config()
@@ -39,8 +42,11 @@ def get_config(arg=None):
   c.eval_batch_size = 64
   c.num_epochs = 15
   c.label_smoothing = 0.1
-  c.optim.name = "momentum"
-  c.optim.lr = 0.01
+  # Chosen by a sweep of 29 runs (linear / last stages; SGD and Adam; lr, label
+  # smoothing, crop scale, weight decay, dropout, batch, epochs): Adam at 3e-4
+  # gave the best and most stable final-epoch accuracy.
+  c.optim.name = "adam"
+  c.optim.lr = 3e-4
   c.optim.warmup_steps = 15
   c.optim.weight_decay = 1e-4
   c.optim.rules = RULES[strategy]

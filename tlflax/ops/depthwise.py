@@ -20,7 +20,8 @@ IMPLS = ("lax", "shifted")
 ENV_VAR = "TLFLAX_DEPTHWISE_IMPL"
 
 # Tuning knobs, read at trace time (see benchmarks/depthwise_layer.py).
-_CONFIG = {"fwd_chunk_bytes": 2 << 20, "bwd_chunk_bytes": 1 << 20, "wgrad_sum": "dot"}
+_CONFIG = {"fwd": "pad", "fwd_chunk_bytes": 2 << 20, "bwd_chunk_bytes": 2 << 20,
+           "dx": "loop_phase", "wgrad_sum": "variadic", "wgrad_barrier": True}
 
 
 def default_impl() -> str:
@@ -87,24 +88,69 @@ def _tap(xp, i, j, out_h, out_w, strides):
                    (1, sh, sw, 1))
 
 
+def _window(size, lo, k, s, out):
+  """For one axis and tap offset k: (start, count, before, after) such that the tap's
+  window of the padded input equals `before` zeros, x[start::s][:count], `after` zeros."""
+  first = max(0, -(-(lo - k) // s))  # First output index whose input index >= 0.
+  last = min(out - 1, (size - 1 + lo - k) // s)  # Last one whose input index < size.
+  count = max(0, last - first + 1)
+  return s * first + k - lo, count, first, out - first - count
+
+
+def _tap_unpadded(x, i, j, out_h, out_w, strides, padding):
+  """Tap (i, j)'s window as pad(strided slice of x): fuses into consumers, no padded copy."""
+  n, h, w, c = x.shape
+  sh, sw = strides
+  h0, hn, hb, ha = _window(h, padding[0][0], i, sh, out_h)
+  w0, wn, wb, wa = _window(w, padding[1][0], j, sw, out_w)
+  if hn == 0 or wn == 0:
+    return jnp.zeros((n, out_h, out_w, c), x.dtype)
+  win = lax.slice(x, (0, h0, w0, 0), (n, h0 + sh * (hn - 1) + 1, w0 + sw * (wn - 1) + 1, c),
+                  (1, sh, sw, 1))
+  return lax.pad(win, jnp.zeros((), x.dtype), ((0, 0, 0), (hb, ha, 0), (wb, wa, 0), (0, 0, 0)))
+
+
 def _pad(x, padding):
   (t, b), (l, r) = padding
   return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (t, b, 0), (l, r, 0), (0, 0, 0)))
 
 
-def _forward(x, kernel, strides, padding):
+def _forward(x, kernel, strides, padding, pad_mode):
   """Sum over taps of shifted input times per-channel weight, accumulated in f32."""
   kh, kw = kernel.shape[:2]
   out_h = _out_size(x.shape[1], *padding[0], kh, strides[0])
   out_w = _out_size(x.shape[2], *padding[1], kw, strides[1])
+  k = kernel.astype(jnp.float32)
+  if pad_mode == "flat" and strides[1] == 1:
+    return _forward_flat(x, kernel, strides, padding, out_h, out_w)
+  if pad_mode == "fused":
+    tap = lambda i, j: _tap_unpadded(x, i, j, out_h, out_w, strides, padding)
+  else:
+    xp = _pad(x, padding)
+    tap = lambda i, j: _tap(xp, i, j, out_h, out_w, strides)
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      term = tap(i, j).astype(jnp.float32) * k[i, j, 0]
+      y = term if y is None else y + term
+  return y.astype(x.dtype)
+
+
+def _forward_flat(x, kernel, strides, padding, out_h, out_w):
+  """Stride-1-in-w forward on (n, h, w*c) rows: long contiguous minor dim for XLA's loops."""
+  n, c = x.shape[0], x.shape[-1]
+  kh, kw = kernel.shape[:2]
+  sh = strides[0]
   xp = _pad(x, padding)
+  xp = xp.reshape(n, xp.shape[1], xp.shape[2] * c)
   k = kernel.astype(jnp.float32)
   y = None
   for i in range(kh):
     for j in range(kw):
-      term = _tap(xp, i, j, out_h, out_w, strides).astype(jnp.float32) * k[i, j, 0]
+      win = lax.slice(xp, (0, i, j * c), (n, i + sh * (out_h - 1) + 1, (j + out_w) * c), (1, sh, 1))
+      term = win.astype(jnp.float32) * jnp.tile(k[i, j, 0], out_w)
       y = term if y is None else y + term
-  return y.astype(x.dtype)
+  return y.reshape(n, out_h, out_w, c).astype(x.dtype)
 
 
 def _input_grad(dy, kernel, x_shape, strides, padding):
@@ -134,6 +180,28 @@ def _input_grad(dy, kernel, x_shape, strides, padding):
   return full[:, pt:pt + h, pl:pl + w, :].astype(dy.dtype)
 
 
+def _input_grad_pad(dy, kernel, x_shape, strides, padding):
+  """Like `_input_grad`, but interleaves the phases with interior padding (no stack)."""
+  n, h, w, c = x_shape
+  sh, sw = strides
+  (pt, _), (pl, _) = padding
+  k = kernel.astype(jnp.float32)
+  rows = -(-(h + pt) // sh)
+  cols = -(-(w + pl) // sw)
+  dx = None
+  for r in range(sh):
+    for q in range(sw):
+      ph = _phase(dy, k, r, q, rows, cols, strides)
+      # Phase element m sits at padded row s*m + r, i.e. dx row s*m + r - pt.
+      lo_h, lo_w = r - pt, q - pl
+      hi_h = h - (lo_h + sh * (rows - 1) + 1)
+      hi_w = w - (lo_w + sw * (cols - 1) + 1)
+      term = lax.pad(ph, jnp.zeros((), ph.dtype),
+                     ((0, 0, 0), (lo_h, hi_h, sh - 1), (lo_w, hi_w, sw - 1), (0, 0, 0)))
+      dx = term if dx is None else dx + term
+  return dx.astype(dy.dtype)
+
+
 def _phase(dy, k, r, q, rows, cols, strides):
   """dxp[s*m + r, s*m' + q] = sum_t,u dy[m - t, m' - u] * k[s*t + r, s*u + q]."""
   sh, sw = strides
@@ -157,19 +225,36 @@ def _phase(dy, k, r, q, rows, cols, strides):
   return acc
 
 
-def _wgrad_block(xp, dy, kh, kw, strides):
+def _wgrad_block(xc, dy, kh, kw, strides, padding):
   """Per-tap sums over (n, h, w) of shifted padded input times dy, in f32: (kh*kw, C)."""
   out_h, out_w = dy.shape[1:3]
+  xp = _pad(xc, padding)
+  if _CONFIG["wgrad_barrier"]:
+    xp = lax.optimization_barrier(xp)
   dyf = dy.astype(jnp.float32)
   prods = [_tap(xp, i, j, out_h, out_w, strides).astype(jnp.float32) * dyf
            for i in range(kh) for j in range(kw)]
-  if _CONFIG["wgrad_sum"] == "dot":
+  mode = _CONFIG["wgrad_sum"]
+  if mode == "variadic":
+    zeros = tuple(jnp.zeros((), jnp.float32) for _ in prods)
+    sums = lax.reduce(tuple(prods), zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)),
+                      (0, 1, 2))
+  elif mode == "dot":
     ones = jnp.ones((dy.shape[0] * out_h * out_w,), jnp.float32)
     sums = [jnp.dot(ones, p.reshape(ones.shape[0], -1), precision=lax.Precision.HIGHEST)
             for p in prods]
   else:
     sums = [jnp.sum(p, axis=(0, 1, 2)) for p in prods]
   return jnp.stack(sums)
+
+
+def _dx(dy, kernel, x_shape, strides, padding, mode):
+  if mode == "vjp":
+    x0 = jnp.zeros(x_shape, dy.dtype)
+    return jax.vjp(lambda a: _forward(a, kernel, strides, padding, "pad"), x0)[1](dy)[0]
+  if mode == "pad":
+    return _input_grad_pad(dy, kernel, x_shape, strides, padding)
+  return _input_grad(dy, kernel, x_shape, strides, padding)
 
 
 def _chunk_size(n, image_bytes, target):
@@ -181,61 +266,64 @@ def _image_bytes(x):
   return x.shape[1] * x.shape[2] * x.shape[3] * 4
 
 
+def _batch_loop(n, chunk, arrays, block, out_shapes, acc_shape):
+  """Runs `block` over batch chunks; maps outputs (DUS into full arrays), sums `acc`."""
+  def body(b, carry):
+    outs, acc = carry
+    start = b * chunk
+    parts = tuple(lax.dynamic_slice_in_dim(a, start, chunk, 0) for a in arrays)
+    new_outs, part_acc = block(*parts)
+    outs = tuple(lax.dynamic_update_slice_in_dim(o, u, start, 0) for o, u in zip(outs, new_outs))
+    return outs, (acc if part_acc is None else acc + part_acc)
+
+  init = (tuple(jnp.zeros(s.shape, s.dtype) for s in out_shapes),
+          jnp.zeros(acc_shape, jnp.float32))
+  return lax.fori_loop(0, n // chunk, body, init)
+
+
 def _chunked_forward(x, kernel, strides, padding):
   """Forward over batch chunks so the padded chunk and its taps stay in cache."""
   n = x.shape[0]
+  mode = _CONFIG["fwd"]
+  if isinstance(mode, dict):
+    mode = mode[strides[0]]
   chunk = _chunk_size(n, _image_bytes(x), _CONFIG["fwd_chunk_bytes"])
-  if chunk == n:
-    return _forward(x, kernel, strides, padding)
-  if _CONFIG.get("loop") == "scan":
-    xs = x.reshape(n // chunk, chunk, *x.shape[1:])
-    ys = lax.map(lambda xc: _forward(xc, kernel, strides, padding), xs)
-    return ys.reshape(n, *ys.shape[2:])
-  out = jax.eval_shape(lambda xc: _forward(xc, kernel, strides, padding), x)
-
-  def body(b, y):
-    start = b * chunk
-    yc = _forward(lax.dynamic_slice_in_dim(x, start, chunk, 0), kernel, strides, padding)
-    return lax.dynamic_update_slice_in_dim(y, yc, start, 0)
-
-  return lax.fori_loop(0, n // chunk, body, jnp.zeros(out.shape, out.dtype))
+  if mode == "fused" or chunk == n:
+    return _forward(x, kernel, strides, padding, mode)
+  fwd = lambda xc: ((_forward(xc, kernel, strides, padding, mode),), None)
+  out = jax.eval_shape(lambda a: fwd(a)[0][0], x)
+  (y,), _ = _batch_loop(n, chunk, (x,), fwd, (out,), ())
+  return y
 
 
 def _backward(x, kernel, dy, strides, padding):
-  """Both gradients in one loop over batch chunks: x and dy chunks are read once.
+  """Both gradients, the weight one as a loop over batch chunks read once from memory.
 
   Summing the weight gradient over the whole batch at once streams x and dy
   from memory once per tap; a chunk of a few images stays in cache for all
-  kh*kw taps and for the input gradient. Padding happens per chunk.
+  kh*kw taps (and, with dx="loop", for the input gradient). Padding happens per chunk.
   """
   kh, kw = kernel.shape[:2]
   n, c = x.shape[0], x.shape[-1]
   chunk = _chunk_size(n, _image_bytes(x), _CONFIG["bwd_chunk_bytes"])
+  dx_mode = _CONFIG["dx"]
+  if isinstance(dx_mode, dict):
+    dx_mode = dx_mode[(kh, strides[0])]
+  in_loop = dx_mode.startswith("loop")
 
   def block(xc, dyc):
-    dx = _input_grad(dyc, kernel, xc.shape, strides, padding).astype(x.dtype)
-    return dx, _wgrad_block(_pad(xc, padding), dyc, kh, kw, strides)
+    dk = _wgrad_block(xc, dyc, kh, kw, strides, padding)
+    if in_loop:
+      dxc = _dx(dyc, kernel, xc.shape, strides, padding, dx_mode[5:]).astype(x.dtype)
+      return (dxc,), dk
+    return (), dk
 
+  outs = (jax.ShapeDtypeStruct(x.shape, x.dtype),) if in_loop else ()
   if chunk == n:
-    dx, dk = block(x, dy)
-  elif _CONFIG.get("loop") == "scan":
-    def body(acc, xs):
-      dxc, dkc = block(*xs)
-      return acc + dkc, dxc
-
-    split = lambda a: a.reshape(n // chunk, chunk, *a.shape[1:])
-    dk, dxs = lax.scan(body, jnp.zeros((kh * kw, c), jnp.float32), (split(x), split(dy)))
-    dx = dxs.reshape(x.shape)
+    outs, dk = block(x, dy)
   else:
-    def body(b, carry):
-      dx, dk = carry
-      start = b * chunk
-      dxc, dkc = block(lax.dynamic_slice_in_dim(x, start, chunk, 0),
-                       lax.dynamic_slice_in_dim(dy, start, chunk, 0))
-      return lax.dynamic_update_slice_in_dim(dx, dxc, start, 0), dk + dkc
-
-    init = (jnp.zeros(x.shape, x.dtype), jnp.zeros((kh * kw, c), jnp.float32))
-    dx, dk = lax.fori_loop(0, n // chunk, body, init)
+    outs, dk = _batch_loop(n, chunk, (x, dy), block, outs, (kh * kw, c))
+  dx = outs[0] if in_loop else _dx(dy, kernel, x.shape, strides, padding, dx_mode).astype(x.dtype)
   return dx, dk.reshape(kh, kw, 1, c).astype(kernel.dtype)
 
 

@@ -51,10 +51,13 @@ def is_weight_path(pretrained: Any) -> bool:
 
 
 def weight_config(name: str, pretrained: Any) -> Optional[weights_lib.WeightConfig]:
-  """The weight config behind `pretrained` (None for random init or a bare file)."""
-  if not pretrained or is_weight_path(pretrained):
-    return weights_lib.WEIGHTS.get(weights_lib.DEFAULT_WEIGHT[name]) if (
-        pretrained and name in weights_lib.DEFAULT_WEIGHT) else None
+  """The weight config behind `pretrained`: None for random init; for a file path, the
+  model's default weight config (a fine-tuned file keeps its parent's mean/std)."""
+  if not pretrained:
+    return None
+  if is_weight_path(pretrained):
+    default = weights_lib.DEFAULT_WEIGHT.get(name)
+    return weights_lib.WEIGHTS.get(default) if default else None
   return weights_lib.for_model(name, pretrained)
 
 

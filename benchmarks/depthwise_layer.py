@@ -1,7 +1,7 @@
 """Times one depthwise layer: lax vs shifted (vs torch, if importable) on CPU.
 
-Not a test. Measures forward, input-grad, weight-grad and forward + both grads
-for a few MobileNetV2 layers. Implementations are interleaved repeat by repeat
+Not a test. Measures forward, forward + input-grad, forward + weight-grad and
+forward + both grads (what a training step needs) for a few MobileNetV2 layers. Implementations are interleaved repeat by repeat
 in the same process, so a noisy shared machine slows them alike; the table
 shows medians (ms) and the ratio to the shifted implementation.
 
@@ -38,25 +38,33 @@ LAYERS = [
     ("mbv2 C32 112x112 s1", 32, 112, 112, 32, 3, 1, ((1, 1), (1, 1))),
     ("eff-lite C240 28x28 5x5 s2", 32, 28, 28, 240, 5, 2, ((1, 2), (1, 2))),
 ]
-MODES = ("fwd", "dx", "dw", "fwd+dx+dw")
+MODES = ("fwd", "fwd+dx", "fwd+dw", "fwd+dx+dw")
 
 
 def jax_fns(impl, x, kernel, dy, stride, padding):
-  """Jitted callables for each mode; grads use jax.vjp against a fixed cotangent."""
+  """Jitted callables per mode; each returns y too, as torch's autograd computes it."""
 
   def f(x, k):
     return depthwise_conv2d(x, k, strides=(stride, stride), padding=padding, impl=impl)
 
+  def with_grads(argnums):
+    """y and the chosen cotangents; XLA drops what is not returned where it can.
+
+    The barrier makes the backward wait for y, as in training where dy depends
+    on y; otherwise XLA may overlap the two loops, which measured slower and noisier.
+    """
+    def run(x, k, dy):
+      y, vjp = jax.vjp(f, x, k)
+      y, dy = jax.lax.optimization_barrier((y, dy))
+      grads = vjp(dy)
+      return y, tuple(grads[i] for i in argnums)
+    return jax.jit(run)
+
   fwd = jax.jit(f)
-  dx = jax.jit(lambda x, k, dy: jax.vjp(lambda x: f(x, k), x)[1](dy)[0])
-  dw = jax.jit(lambda x, k, dy: jax.vjp(lambda k: f(x, k), k)[1](dy)[0])
-  both = jax.jit(lambda x, k, dy: jax.vjp(f, x, k)[1](dy))
-  return {
-      "fwd": lambda: jax.block_until_ready(fwd(x, kernel)),
-      "dx": lambda: jax.block_until_ready(dx(x, kernel, dy)),
-      "dw": lambda: jax.block_until_ready(dw(x, kernel, dy)),
-      "fwd+dx+dw": lambda: jax.block_until_ready(both(x, kernel, dy)),
-  }
+  calls = {"fwd+dx": with_grads((0,)), "fwd+dw": with_grads((1,)), "fwd+dx+dw": with_grads((0, 1))}
+  fns = {"fwd": lambda: jax.block_until_ready(fwd(x, kernel))}
+  fns.update({m: (lambda g=g: jax.block_until_ready(g(x, kernel, dy))) for m, g in calls.items()})
+  return fns
 
 
 def torch_fns(x, kernel, dy, stride, padding):
@@ -65,10 +73,10 @@ def torch_fns(x, kernel, dy, stride, padding):
   import torch.nn.functional as F
   (t, b), (l, r) = padding
   c = x.shape[-1]
-  xt = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous(
+  xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous(
       memory_format=torch.channels_last)
-  wt = torch.from_numpy(np.asarray(kernel)).permute(3, 2, 0, 1).contiguous()
-  dyt = torch.from_numpy(np.asarray(dy)).permute(0, 3, 1, 2).contiguous(
+  wt = torch.from_numpy(np.array(kernel)).permute(3, 2, 0, 1).contiguous()
+  dyt = torch.from_numpy(np.array(dy)).permute(0, 3, 1, 2).contiguous(
       memory_format=torch.channels_last)
 
   def conv(xi, wi):
@@ -86,8 +94,8 @@ def torch_fns(x, kernel, dy, stride, padding):
     y = conv(xi, wi)
     return torch.autograd.grad(y, [v for v, need in ((xi, need_x), (wi, need_w)) if need], dyt)
 
-  return {"fwd": fwd, "dx": lambda: grads(True, False), "dw": lambda: grads(False, True),
-          "fwd+dx+dw": lambda: grads(True, True)}
+  return {"fwd": fwd, "fwd+dx": lambda: grads(True, False),
+          "fwd+dw": lambda: grads(False, True), "fwd+dx+dw": lambda: grads(True, True)}
 
 
 def torch_available():
@@ -147,10 +155,12 @@ def time_layer(layer, impls, repeats, warmup, max_wait=0.0):
     for impl in impls:
       for _ in range(warmup):  # Includes compilation.
         fns[impl][mode]()
-    for _ in range(repeats):
+    for rep in range(repeats):
+      order = impls[rep % len(impls):] + impls[:rep % len(impls)]  # Rotate: no first-slot bias.
       if max_wait:
         wait_quiet(max_wait)
-      for impl in impls:
+        fns[order[-1]][mode]()  # Untimed: wakes the CPU up after the idle wait.
+      for impl in order:
         start = time.perf_counter()
         fns[impl][mode]()
         times[impl, mode].append(1e3 * (time.perf_counter() - start))

@@ -19,9 +19,10 @@ from jax import lax
 IMPLS = ("lax", "shifted")
 ENV_VAR = "TLFLAX_DEPTHWISE_IMPL"
 
-# Tuning knobs, read at trace time (see benchmarks/depthwise_layer.py).
-_CONFIG = {"fwd": "pad", "fwd_chunk_bytes": 2 << 20, "bwd_chunk_bytes": 2 << 20,
-           "dx": "loop_phase", "wgrad_sum": "variadic", "wgrad_barrier": True}
+# Bytes of input per batch chunk in the loops below: about one or two L2 caches.
+# 1-4 MiB measured within noise of each other (benchmarks/depthwise_layer.py); a
+# single image larger than this is still one chunk. Read at trace time.
+_CHUNK_BYTES = 2 << 20
 
 
 def default_impl() -> str:
@@ -115,15 +116,19 @@ def _pad(x, padding):
   return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (t, b, 0), (l, r, 0), (0, 0, 0)))
 
 
-def _forward(x, kernel, strides, padding, pad_mode):
-  """Sum over taps of shifted input times per-channel weight, accumulated in f32."""
+def _forward(x, kernel, strides, padding):
+  """Sum over taps of shifted input times per-channel weight, accumulated in f32.
+
+  Stride 1 (and 5x5 kernels) read the taps from an explicitly padded copy:
+  slices of it fuse into one loop without bounds checks. For 3x3 at stride 2
+  the padded copy is 4x the output and costs more than it saves, so each tap is
+  pad(strided slice of x) and XLA fuses the padding too (2x faster there).
+  """
   kh, kw = kernel.shape[:2]
   out_h = _out_size(x.shape[1], *padding[0], kh, strides[0])
   out_w = _out_size(x.shape[2], *padding[1], kw, strides[1])
   k = kernel.astype(jnp.float32)
-  if pad_mode == "flat" and strides[1] == 1:
-    return _forward_flat(x, kernel, strides, padding, out_h, out_w)
-  if pad_mode == "fused":
+  if max(strides) > 1 and kh * kw <= 9:
     tap = lambda i, j: _tap_unpadded(x, i, j, out_h, out_w, strides, padding)
   else:
     xp = _pad(x, padding)
@@ -136,203 +141,136 @@ def _forward(x, kernel, strides, padding, pad_mode):
   return y.astype(x.dtype)
 
 
-def _forward_flat(x, kernel, strides, padding, out_h, out_w):
-  """Stride-1-in-w forward on (n, h, w*c) rows: long contiguous minor dim for XLA's loops."""
-  n, c = x.shape[0], x.shape[-1]
-  kh, kw = kernel.shape[:2]
-  sh = strides[0]
-  xp = _pad(x, padding)
-  xp = xp.reshape(n, xp.shape[1], xp.shape[2] * c)
-  k = kernel.astype(jnp.float32)
-  y = None
-  for i in range(kh):
-    for j in range(kw):
-      win = lax.slice(xp, (0, i, j * c), (n, i + sh * (out_h - 1) + 1, (j + out_w) * c), (1, sh, 1))
-      term = win.astype(jnp.float32) * jnp.tile(k[i, j, 0], out_w)
-      y = term if y is None else y + term
-  return y.reshape(n, out_h, out_w, c).astype(x.dtype)
-
-
 def _input_grad(dy, kernel, x_shape, strides, padding):
-  """Transpose of the forward, one output phase per stride offset (no zero-dilated dy).
+  """Transpose of the forward, one phase per stride offset (no zero-dilated dy).
 
   With stride s, padded-input row p = s*m + r only receives taps i = s*t + r,
-  from output row m - t. Each phase is thus a small stride-1 shifted sum over
-  dy; the s*s phases are interleaved and the padding cropped.
+  from output row m - t: each of the s*s phases is a small stride-1 shifted
+  sum over dy. Interior padding (a fused branch) interleaves the phases and
+  negative edge padding crops the conv padding, all in one loop.
   """
   n, h, w, c = x_shape
-  kh, kw = kernel.shape[:2]
-  sh, sw = strides
-  (pt, _), (pl, _) = padding
-  out_h, out_w = dy.shape[1:3]
-  k = kernel.astype(jnp.float32)
-  # Rows of the padded input covered by each phase: m in [0, rows).
-  rows = -(-(h + pt) // sh)
-  cols = -(-(w + pl) // sw)
-  phases = []
-  for r in range(sh):
-    row = []
-    for q in range(sw):
-      row.append(_phase(dy, k, r, q, rows, cols, strides))
-    phases.append(jnp.stack(row, axis=3))  # (n, rows, cols, sw, c)
-  full = jnp.stack(phases, axis=2)  # (n, rows, sh, cols, sw, c)
-  full = full.reshape(n, rows * sh, cols * sw, c)
-  return full[:, pt:pt + h, pl:pl + w, :].astype(dy.dtype)
-
-
-def _input_grad_pad(dy, kernel, x_shape, strides, padding):
-  """Like `_input_grad`, but interleaves the phases with interior padding (no stack)."""
-  n, h, w, c = x_shape
   sh, sw = strides
   (pt, _), (pl, _) = padding
   k = kernel.astype(jnp.float32)
-  rows = -(-(h + pt) // sh)
-  cols = -(-(w + pl) // sw)
+  rows, cols = -(-(h + pt) // sh), -(-(w + pl) // sw)  # Phase extent, in dy rows/cols.
   dx = None
   for r in range(sh):
     for q in range(sw):
       ph = _phase(dy, k, r, q, rows, cols, strides)
-      # Phase element m sits at padded row s*m + r, i.e. dx row s*m + r - pt.
+      if ph is None:
+        continue
+      # Phase element m lands on padded row s*m + r, i.e. on dx row s*m + r - pt.
       lo_h, lo_w = r - pt, q - pl
-      hi_h = h - (lo_h + sh * (rows - 1) + 1)
-      hi_w = w - (lo_w + sw * (cols - 1) + 1)
+      hi_h, hi_w = h - (lo_h + sh * (rows - 1) + 1), w - (lo_w + sw * (cols - 1) + 1)
       term = lax.pad(ph, jnp.zeros((), ph.dtype),
                      ((0, 0, 0), (lo_h, hi_h, sh - 1), (lo_w, hi_w, sw - 1), (0, 0, 0)))
       dx = term if dx is None else dx + term
+  if dx is None:  # Kernel smaller than the stride: some inputs are never read.
+    return jnp.zeros(x_shape, dy.dtype)
   return dx.astype(dy.dtype)
 
 
 def _phase(dy, k, r, q, rows, cols, strides):
-  """dxp[s*m + r, s*m' + q] = sum_t,u dy[m - t, m' - u] * k[s*t + r, s*u + q]."""
+  """dxp[s*m + r, s*m' + q] = sum_t,u dy[m - t, m' - u] * k[s*t + r, s*u + q], in f32."""
   sh, sw = strides
   kh, kw = k.shape[:2]
-  ti = range(len(range(r, kh, sh)))
-  tj = range(len(range(q, kw, sw)))
-  n, out_h, out_w, c = dy.shape
+  ti, tj = len(range(r, kh, sh)), len(range(q, kw, sw))
   if not ti or not tj:
-    return jnp.zeros((n, rows, cols, c), jnp.float32)
-  # Pad dy so that index m - t for m in [0, rows), t in ti is in range.
-  top, left = len(ti) - 1, len(tj) - 1
-  bottom, right = rows - out_h, cols - out_w
+    return None
+  n, out_h, out_w, c = dy.shape
+  top, left = ti - 1, tj - 1  # Pad dy so that m - t is in range for m < rows, t < ti.
   dyp = lax.pad(dy, jnp.zeros((), dy.dtype),
-                ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
+                ((0, 0, 0), (top, rows - out_h, 0), (left, cols - out_w, 0), (0, 0, 0)))
   acc = None
-  for t in ti:
-    for u in tj:
+  for t in range(ti):
+    for u in range(tj):
       win = lax.slice(dyp, (0, top - t, left - u, 0), (n, top - t + rows, left - u + cols, c))
       term = win.astype(jnp.float32) * k[sh * t + r, sw * u + q, 0]
       acc = term if acc is None else acc + term
   return acc
 
 
-def _wgrad_block(xc, dy, kh, kw, strides, padding):
-  """Per-tap sums over (n, h, w) of shifted padded input times dy, in f32: (kh*kw, C)."""
+def _weight_grad(x, dy, kh, kw, strides, padding):
+  """Per-tap sums over (n, h, w) of shifted padded input times dy, in f32: (kh*kw, C).
+
+  One variadic reduce computes all kh*kw sums in a single pass over x and dy
+  (nine separate reductions read both nine times: 2-3x slower). The barrier
+  keeps the padded copy materialized, which measured ~20% faster than fusing
+  the padding into the reduction.
+  """
   out_h, out_w = dy.shape[1:3]
-  xp = _pad(xc, padding)
-  if _CONFIG["wgrad_barrier"]:
-    xp = lax.optimization_barrier(xp)
+  xp = lax.optimization_barrier(_pad(x, padding))
   dyf = dy.astype(jnp.float32)
-  prods = [_tap(xp, i, j, out_h, out_w, strides).astype(jnp.float32) * dyf
-           for i in range(kh) for j in range(kw)]
-  mode = _CONFIG["wgrad_sum"]
-  if mode == "variadic":
-    zeros = tuple(jnp.zeros((), jnp.float32) for _ in prods)
-    sums = lax.reduce(tuple(prods), zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)),
-                      (0, 1, 2))
-  elif mode == "dot":
-    ones = jnp.ones((dy.shape[0] * out_h * out_w,), jnp.float32)
-    sums = [jnp.dot(ones, p.reshape(ones.shape[0], -1), precision=lax.Precision.HIGHEST)
-            for p in prods]
-  else:
-    sums = [jnp.sum(p, axis=(0, 1, 2)) for p in prods]
+  prods = tuple(_tap(xp, i, j, out_h, out_w, strides).astype(jnp.float32) * dyf
+                for i in range(kh) for j in range(kw))
+  zeros = tuple(jnp.zeros((), jnp.float32) for _ in prods)
+  sums = lax.reduce(prods, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (0, 1, 2))
   return jnp.stack(sums)
 
 
-def _dx(dy, kernel, x_shape, strides, padding, mode):
-  if mode == "vjp":
-    x0 = jnp.zeros(x_shape, dy.dtype)
-    return jax.vjp(lambda a: _forward(a, kernel, strides, padding, "pad"), x0)[1](dy)[0]
-  if mode == "pad":
-    return _input_grad_pad(dy, kernel, x_shape, strides, padding)
-  return _input_grad(dy, kernel, x_shape, strides, padding)
+def _chunk_size(x):
+  per_image = x.shape[1] * x.shape[2] * x.shape[3] * 4
+  return max(1, min(x.shape[0], _CHUNK_BYTES // per_image))
 
 
-def _chunk_size(n, image_bytes, target):
-  """Largest divisor of n whose chunk of images takes at most `target` bytes (>= 1)."""
-  return max(b for b in range(1, n + 1) if n % b == 0 and (b == 1 or b * image_bytes <= target))
+def _batch_loop(block, arrays, out_shapes, acc_shape, chunk):
+  """Applies `block` to batch chunks of `arrays`; writes its outputs in place, sums its acc.
 
+  A chunk of a few images stays in cache while all taps are applied to it. A
+  batch not divisible by `chunk` ends with one smaller chunk, outside the loop.
+  """
+  n = arrays[0].shape[0]
+  steps = n // chunk
 
-def _image_bytes(x):
-  return x.shape[1] * x.shape[2] * x.shape[3] * 4
-
-
-def _batch_loop(n, chunk, arrays, block, out_shapes, acc_shape):
-  """Runs `block` over batch chunks; maps outputs (DUS into full arrays), sums `acc`."""
-  def body(b, carry):
-    outs, acc = carry
-    start = b * chunk
-    parts = tuple(lax.dynamic_slice_in_dim(a, start, chunk, 0) for a in arrays)
-    new_outs, part_acc = block(*parts)
+  def run(outs, acc, start, size):
+    parts = [lax.dynamic_slice_in_dim(a, start, size, 0) for a in arrays]
+    new_outs, part = block(*parts)
     outs = tuple(lax.dynamic_update_slice_in_dim(o, u, start, 0) for o, u in zip(outs, new_outs))
-    return outs, (acc if part_acc is None else acc + part_acc)
+    return outs, acc + part
 
-  init = (tuple(jnp.zeros(s.shape, s.dtype) for s in out_shapes),
-          jnp.zeros(acc_shape, jnp.float32))
-  return lax.fori_loop(0, n // chunk, body, init)
+  carry = (tuple(jnp.zeros(s.shape, s.dtype) for s in out_shapes),
+           jnp.zeros(acc_shape, jnp.float32))
+  carry = lax.fori_loop(0, steps, lambda b, c: run(*c, b * chunk, chunk), carry)
+  if n % chunk:
+    carry = run(*carry, steps * chunk, n % chunk)
+  return carry
 
 
 def _chunked_forward(x, kernel, strides, padding):
-  """Forward over batch chunks so the padded chunk and its taps stay in cache."""
-  n = x.shape[0]
-  mode = _CONFIG["fwd"]
-  if isinstance(mode, dict):
-    mode = mode[strides[0]]
-  chunk = _chunk_size(n, _image_bytes(x), _CONFIG["fwd_chunk_bytes"])
-  if mode == "fused" or chunk == n:
-    return _forward(x, kernel, strides, padding, mode)
-  fwd = lambda xc: ((_forward(xc, kernel, strides, padding, mode),), None)
-  out = jax.eval_shape(lambda a: fwd(a)[0][0], x)
-  (y,), _ = _batch_loop(n, chunk, (x,), fwd, (out,), ())
+  """The forward over batch chunks (the padded chunk stays in cache)."""
+  chunk = _chunk_size(x)
+  if chunk >= x.shape[0]:
+    return _forward(x, kernel, strides, padding)
+  block = lambda xc: ((_forward(xc, kernel, strides, padding),), 0.0)
+  out = jax.eval_shape(lambda a: _forward(a, kernel, strides, padding), x)
+  (y,), _ = _batch_loop(block, (x,), (out,), (), chunk)
   return y
 
 
 def _backward(x, kernel, dy, strides, padding):
-  """Both gradients, the weight one as a loop over batch chunks read once from memory.
-
-  Summing the weight gradient over the whole batch at once streams x and dy
-  from memory once per tap; a chunk of a few images stays in cache for all
-  kh*kw taps (and, with dx="loop", for the input gradient). Padding happens per chunk.
-  """
+  """Both gradients in one loop over batch chunks, so x and dy are read from memory once."""
   kh, kw = kernel.shape[:2]
-  n, c = x.shape[0], x.shape[-1]
-  chunk = _chunk_size(n, _image_bytes(x), _CONFIG["bwd_chunk_bytes"])
-  dx_mode = _CONFIG["dx"]
-  if isinstance(dx_mode, dict):
-    dx_mode = dx_mode[(kh, strides[0])]
-  in_loop = dx_mode.startswith("loop")
 
   def block(xc, dyc):
-    dk = _wgrad_block(xc, dyc, kh, kw, strides, padding)
-    if in_loop:
-      dxc = _dx(dyc, kernel, xc.shape, strides, padding, dx_mode[5:]).astype(x.dtype)
-      return (dxc,), dk
-    return (), dk
+    dxc = _input_grad(dyc, kernel, xc.shape, strides, padding).astype(x.dtype)
+    return (dxc,), _weight_grad(xc, dyc, kh, kw, strides, padding)
 
-  outs = (jax.ShapeDtypeStruct(x.shape, x.dtype),) if in_loop else ()
-  if chunk == n:
-    outs, dk = block(x, dy)
+  chunk = _chunk_size(x)
+  if chunk >= x.shape[0]:
+    (dx,), dk = block(x, dy)
   else:
-    outs, dk = _batch_loop(n, chunk, (x, dy), block, outs, (kh * kw, c))
-  dx = outs[0] if in_loop else _dx(dy, kernel, x.shape, strides, padding, dx_mode).astype(x.dtype)
-  return dx, dk.reshape(kh, kw, 1, c).astype(kernel.dtype)
-
-
-def _shifted(x, kernel, strides, padding):
-  return _shifted_op(x, kernel, strides, padding)
+    out = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    (dx,), dk = _batch_loop(block, (x, dy), (out,), (kh * kw, x.shape[-1]), chunk)
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
 def _make_shifted_op():
-  """custom_vjp with strides/padding as static (non-differentiable) arguments."""
+  """custom_vjp with strides/padding as static (non-differentiable) arguments.
+
+  Residuals are just x and the kernel: the backward recomputes the padded
+  chunks in cache instead of keeping a padded copy of x alive in memory.
+  """
 
   def f(strides, padding, x, kernel):
     return _chunked_forward(x, kernel, strides, padding)
@@ -349,4 +287,4 @@ def _make_shifted_op():
   return lambda x, kernel, strides, padding: op(strides, padding, x, kernel)
 
 
-_shifted_op = _make_shifted_op()
+_shifted = _make_shifted_op()

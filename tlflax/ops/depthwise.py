@@ -4,9 +4,12 @@ XLA's CPU backend runs grouped convolutions slowly, and their weight gradient
 (emitted with `batch_group_count=C`) is rewritten into a dense C x C
 convolution. The "shifted" implementation writes the convolution as a sum over
 the kh*kw kernel taps of strided slices of the padded input times one weight
-per channel: plain elementwise work that XLA fuses well. It is wrapped in a
-`jax.custom_vjp` so that both gradients also stay elementwise and cache-blocked.
-GPU and TPU keep `lax.conv_general_dilated` ("lax").
+per channel: elementwise work that XLA fuses into single loops. A
+`jax.custom_vjp` keeps the gradients in the same form: the input gradient as
+the stride-phase transpose, the weight gradient as one multi-output reduction,
+both in one loop over batch chunks that stay in cache. Arithmetic is float32
+whatever the input dtype (bf16 in, bf16 out). GPU and TPU keep
+`lax.conv_general_dilated` ("lax"). Measurements: benchmarks/depthwise_layer.py.
 """
 from __future__ import annotations
 
@@ -116,6 +119,11 @@ def _pad(x, padding):
   return lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (t, b, 0), (l, r, 0), (0, 0, 0)))
 
 
+def _pad_fused(kernel, strides):
+  """Whether the forward fuses the padding into its taps (see `_forward`)."""
+  return max(strides) > 1 and kernel.shape[0] * kernel.shape[1] <= 9
+
+
 def _forward(x, kernel, strides, padding):
   """Sum over taps of shifted input times per-channel weight, accumulated in f32.
 
@@ -128,7 +136,7 @@ def _forward(x, kernel, strides, padding):
   out_h = _out_size(x.shape[1], *padding[0], kh, strides[0])
   out_w = _out_size(x.shape[2], *padding[1], kw, strides[1])
   k = kernel.astype(jnp.float32)
-  if max(strides) > 1 and kh * kw <= 9:
+  if _pad_fused(kernel, strides):
     tap = lambda i, j: _tap_unpadded(x, i, j, out_h, out_w, strides, padding)
   else:
     xp = _pad(x, padding)
@@ -210,6 +218,7 @@ def _weight_grad(x, dy, kh, kw, strides, padding):
 
 
 def _chunk_size(x):
+  """Images per loop step: as many as fit `_CHUNK_BYTES` of float32, at least one."""
   per_image = x.shape[1] * x.shape[2] * x.shape[3] * 4
   return max(1, min(x.shape[0], _CHUNK_BYTES // per_image))
 
@@ -238,9 +247,13 @@ def _batch_loop(block, arrays, out_shapes, acc_shape, chunk):
 
 
 def _chunked_forward(x, kernel, strides, padding):
-  """The forward over batch chunks (the padded chunk stays in cache)."""
+  """The forward over batch chunks (the padded chunk stays in cache).
+
+  The fused-padding form has no padded copy to keep in cache, and inside the
+  loop XLA fuses the chunk's dynamic slice into it, which measured 4x slower.
+  """
   chunk = _chunk_size(x)
-  if chunk >= x.shape[0]:
+  if chunk >= x.shape[0] or _pad_fused(kernel, strides):
     return _forward(x, kernel, strides, padding)
   block = lambda xc: ((_forward(xc, kernel, strides, padding),), 0.0)
   out = jax.eval_shape(lambda a: _forward(a, kernel, strides, padding), x)

@@ -9,7 +9,6 @@ import re
 from typing import Any, Callable, Optional, Sequence, Tuple
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from tlflax.ops.depthwise import depthwise_conv2d

@@ -39,8 +39,12 @@ def _save_npz(path: Path, flat: Flat) -> None:
   os.replace(tmp.name, path)
 
 
+def _cache_path(cache_key: str) -> Path:
+  return cache_dir() / f"{cache_key}.v{CACHE_FORMAT}.npz"
+
+
 def _cached_convert(source: Path, converter: str, cache_key: str) -> Flat:
-  cached = cache_dir() / f"{cache_key}.v{CACHE_FORMAT}.npz"
+  cached = _cache_path(cache_key)
   if cached.is_file():
     with np.load(cached) as data:
       return {k: data[k] for k in data.files}
@@ -55,8 +59,7 @@ def _cached_convert(source: Path, converter: str, cache_key: str) -> Flat:
 def converted_weight(weight: WeightConfig, weights_dir: Optional[str] = None) -> Flat:
   """Flat converted variables of a registered weight (cache first, then the file)."""
   cache_key = f"{weight.tag}-{weight.sha256}"
-  cached = cache_dir() / f"{cache_key}.v{CACHE_FORMAT}.npz"
-  source = None if cached.is_file() else sources.resolve(weight, weights_dir)
+  source = None if _cache_path(cache_key).is_file() else sources.resolve(weight, weights_dir)
   return _cached_convert(source, f"{weight.source_format}:{weight.model}", cache_key)
 
 

@@ -5,15 +5,10 @@ import pytest
 
 import tlflax
 from tests.conftest import mobilenet_v2_weight_file
-from tlflax.pretrained import convert_torchvision, load
-from tlflax.pretrained.weights import IMAGENET_MEAN, IMAGENET_STD
+from tests.models.parity import check_parity, photo, randomise_bn, relative_error
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
-
-
-def relative_error(a, b):
-  return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
 
 
 def torch_logits(model, x_nhwc):
@@ -23,27 +18,11 @@ def torch_logits(model, x_nhwc):
 
 def test_random_tiny_model_matches_torchvision():
   torch.manual_seed(0)
-  reference = torchvision.models.mobilenet_v2(width_mult=0.25, num_classes=7).eval()
-  for m in reference.modules():  # Non-trivial BN statistics, so their conversion is checked.
-    if isinstance(m, torch.nn.BatchNorm2d):
-      m.running_mean.uniform_(-0.5, 0.5)
-      m.running_var.uniform_(0.5, 2.0)
-  flat = convert_torchvision.CONVERTERS.get("torchvision:mobilenet_v2")(
-      {k: v.numpy() for k, v in reference.state_dict().items()})
-  module, variables = tlflax.create_model("mobilenet_v2", num_classes=7, width_mult=0.25)
-  variables, report = load.merge(variables, flat)
-  assert not report["reinitialised"] and not report["unused"]
+  reference = randomise_bn(torchvision.models.mobilenet_v2(width_mult=0.25, num_classes=7))
   x = np.random.RandomState(0).randn(2, 64, 64, 3).astype(np.float32)
-  with jax.default_matmul_precision("highest"):
-    logits = jax.jit(module.apply)(variables, x)
-  assert relative_error(logits, torch_logits(reference, x)) < 1e-5
-
-
-def cat_photo(size=224):
-  from PIL import Image
-  from skimage import data as skimage_data
-  image = Image.fromarray(skimage_data.chelsea()).resize((size, size), Image.BILINEAR)
-  return ((np.asarray(image, np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+  check_parity("mobilenet_v2", reference, x, {
+      "stride_4": "features.3", "stride_8": "features.6", "stride_16": "features.13",
+      "stride_32": "features.18"}, tol=1e-5, width_mult=0.25)
 
 
 def test_imagenet_weights_match_torchvision():
@@ -51,7 +30,7 @@ def test_imagenet_weights_match_torchvision():
   reference = torchvision.models.mobilenet_v2().eval()
   reference.load_state_dict(torch.load(path, weights_only=True))
   module, variables = tlflax.create_model("mobilenet_v2", pretrained=True)
-  x = np.stack([cat_photo(), np.random.RandomState(1).randn(224, 224, 3).astype(np.float32)])
+  x = np.stack([photo("chelsea"), np.random.RandomState(1).randn(224, 224, 3).astype(np.float32)])
   with jax.default_matmul_precision("highest"):
     logits = np.asarray(jax.jit(module.apply)(variables, x))
   expected = torch_logits(reference, x)

@@ -4,37 +4,31 @@ import numpy as np
 import pytest
 
 import tlflax
-from tlflax.pretrained import convert_torchvision, load
+from tests.models.parity import check_parity, randomise_bn
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
-
-def randomise_bn(model):
-  for m in model.modules():
-    if isinstance(m, torch.nn.BatchNorm2d):
-      m.running_mean.uniform_(-0.5, 0.5)
-      m.running_var.uniform_(0.5, 2.0)
-      m.weight.data.uniform_(0.5, 1.5)
-      m.bias.data.uniform_(-0.2, 0.2)
-  return model.eval()
+FEATURES = {"stride_4": "layer1", "stride_8": "layer2", "stride_16": "layer3",
+            "stride_32": "layer4"}
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
 def test_matches_torchvision(name):
   torch.manual_seed(0)
   reference = randomise_bn(getattr(torchvision.models, name)(num_classes=5))
-  flat = convert_torchvision.CONVERTERS.get(f"torchvision:{name}")(
-      {k: v.numpy() for k, v in reference.state_dict().items()})
-  module, variables = tlflax.create_model(name, num_classes=5)
-  variables, report = load.merge(variables, flat)
-  assert not report["reinitialised"] and not report["unused"]
   x = np.random.RandomState(0).randn(2, 64, 64, 3).astype(np.float32)
-  with jax.default_matmul_precision("highest"):
-    logits = np.asarray(jax.jit(module.apply)(variables, x))
-  with torch.no_grad():
-    expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-  assert np.linalg.norm(logits - expected) / np.linalg.norm(expected) < 1e-5
+  check_parity(name, reference, x, FEATURES, tol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet34", "resnet101", "resnet152", "resnext101_32x8d",
+                                  "wide_resnet50_2", "wide_resnet101_2"])
+def test_large_variants_match_torchvision(name):
+  torch.manual_seed(0)
+  reference = randomise_bn(getattr(torchvision.models, name)(num_classes=5))
+  x = np.random.RandomState(0).randn(1, 64, 64, 3).astype(np.float32)
+  check_parity(name, reference, x, FEATURES, tol=1e-5)
 
 
 def test_features_and_registered_weights():

@@ -6,11 +6,10 @@ ImageNet checkpoint and a freshly initialised head for the new class count.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -18,25 +17,20 @@ import jax.numpy as jnp
 
 from tlflax.models import mobilenet, resnet
 from tlflax.models.classifier import ImageClassifier
+from tlflax.models.spec import ModelSpec
 from tlflax.pretrained import weights as weights_lib
 from tlflax.registry import Registry
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  """How to build one architecture and what its checkpoints look like."""
-  backbone: Callable[..., nn.Module]
-  stages: Tuple[Tuple[str, str], ...]
-  dropout: float = 0.0
-  source_format: str = "torchvision"
-
+# Family modules, each declaring MODEL_SPECS; adding a family is one entry here.
+_FAMILIES = (mobilenet, resnet)
 
 MODELS = Registry("model")
-MODELS.register("mobilenet_v2", ModelSpec(mobilenet.MobileNetV2, mobilenet.STAGES, dropout=0.2))
-for _name, _variant in resnet.VARIANTS.items():
-  MODELS.register(_name, ModelSpec(functools.partial(resnet.ResNet, **_variant), resnet.STAGES))
+for _family in _FAMILIES:
+  for _name, _spec in _family.MODEL_SPECS.items():
+    MODELS.register(_name, _spec)
 
 
 def list_models(pattern: Optional[str] = None, pretrained: bool = False):
@@ -82,23 +76,24 @@ def create_model(name: str, *, num_classes: Optional[int] = None,
   num_classes = num_classes or (weight.num_classes if weight else 1000)
   module = ImageClassifier(
       backbone=spec.backbone(dtype=dtype, frozen_bn=tuple(frozen_bn), **backbone_kwargs),
-      num_classes=num_classes, dropout=spec.dropout if dropout is None else dropout, dtype=dtype)
-  variables = init_variables(module, seed)
+      num_classes=num_classes, dropout=spec.dropout if dropout is None else dropout,
+      pre_logits=spec.pre_logits(dtype=dtype) if spec.pre_logits else None, dtype=dtype)
+  variables = init_variables(module, seed, spec.init_size)
   if pretrained:
     variables = load_pretrained(name, spec, variables, pretrained, weight, weights_dir)
   return module, variables
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init(module: nn.Module, rng):
-  # 32 px is the smallest input every zoo model accepts; shapes don't depend on it.
-  return module.init(rng, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(module: nn.Module, rng, size: int):
+  # Parameter shapes don't depend on `size`; small is fast.
+  return module.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
 
 
-def init_variables(module: nn.Module, seed: int = 0) -> Dict:
+def init_variables(module: nn.Module, seed: int = 0, size: int = 32) -> Dict:
   # The "rbg" generator compiles ~3x faster than threefry for a model's worth
   # of initialisers (measured: MobileNetV2 init 9.6 s -> 3.3 s on 2 CPU cores).
-  return dict(_init(module, jax.random.key(seed, impl="rbg")))
+  return dict(_init(module, jax.random.key(seed, impl="rbg"), size))
 
 
 def load_pretrained(name, spec, variables, pretrained, weight, weights_dir) -> Dict:

@@ -14,6 +14,7 @@ from typing import Any, Dict, Sequence, Tuple
 import flax.linen as nn
 
 from tlflax.models.layers import ConvBN
+from tlflax.models.spec import ModelSpec
 
 # (expand ratio t, output channels c, repeats n, first stride s), as in the paper.
 INVERTED_RESIDUAL_SETTING: Tuple[Tuple[int, int, int, int], ...] = (
@@ -100,3 +101,6 @@ def _stride_after(setting, t, c, n, s) -> int:
     if group == (t, c, n, s):
       return stride
   raise AssertionError("group not in setting")
+
+
+MODEL_SPECS = {"mobilenet_v2": ModelSpec(MobileNetV2, STAGES, dropout=0.2)}

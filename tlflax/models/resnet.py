@@ -6,12 +6,14 @@ Each conv+BN pair is one `ConvBN` unit, so parameter paths read
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from tlflax.models.layers import ConvBN
+from tlflax.models.spec import ModelSpec
 
 STAGES: Tuple[Tuple[str, str], ...] = (
     ("stem", r"conv1"), ("stage1", r"layer1_\d+"), ("stage2", r"layer2_\d+"),
@@ -99,3 +101,6 @@ VARIANTS = {
     "wide_resnet50_2": dict(block=Bottleneck, layers=(3, 4, 6, 3), width_per_group=128),
     "wide_resnet101_2": dict(block=Bottleneck, layers=(3, 4, 23, 3), width_per_group=128),
 }
+
+MODEL_SPECS = {name: ModelSpec(functools.partial(ResNet, **variant), STAGES)
+               for name, variant in VARIANTS.items()}

@@ -1,0 +1,35 @@
+"""What the zoo needs to know about one architecture (kept apart to avoid import cycles).
+
+Each family module (`resnet.py`, `mobilenet.py`, ...) declares
+`MODEL_SPECS = {"torchvision_name": ModelSpec(...)}`; `tlflax.models` collects
+them into the one registry.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Tuple
+
+import flax.linen as nn
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """How to build one architecture and what its checkpoints look like.
+
+  backbone: factory `(dtype=..., frozen_bn=..., **kwargs) -> nn.Module` whose
+    `__call__(x, train)` returns named feature maps (`stride_4` ... `stride_32`).
+  stages: named stages as (name, regex over the path below `backbone/`), in
+    input-to-output order; "train the last N stages" rules are built from them.
+  pre_logits: factory `(dtype=...) -> nn.Module` mapping the `stride_32` map
+    to the vector the linear `head` reads (VGG's fc6/fc7, MobileNetV3's
+    1280-wide layer); None means global average pooling.
+  dropout: dropout before the head, as in the torchvision classifier.
+  init_size: the input size used to create variables (parameter shapes never
+    depend on it; some architectures need a minimum, e.g. Inception-v3 75 px).
+  """
+  backbone: Callable[..., nn.Module]
+  stages: Tuple[Tuple[str, str], ...]
+  pre_logits: Optional[Callable[..., nn.Module]] = None
+  dropout: float = 0.0
+  source_format: str = "torchvision"
+  init_size: int = 32

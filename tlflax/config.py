@@ -49,9 +49,27 @@ def optim_config() -> ml_collections.ConfigDict:
   return c
 
 
+def segmentation_config() -> ml_collections.ConfigDict:
+  """Fields of `config.segmentation` (experiments with `task = "segmentation"` add it).
+
+  `config.model` still names the backbone (`model.name`, `model.pretrained`:
+  its ImageNet weight); the decoder and losses are chosen here.
+  """
+  c = ml_collections.ConfigDict()
+  c.head = "deeplabv3"  # fcn, deeplabv3, unet (`tlflax.heads` registry).
+  c.output_stride = config_dict.placeholder(int)  # 8/16 dilate the backbone; None: its own.
+  c.aux = False  # FCN auxiliary head on the stride-16 map, training loss only.
+  c.aux_weight = 0.5  # torchvision's reference recipe.
+  c.ce_weight = 1.0  # Loss = ce_weight * cross-entropy + dice_weight * Dice.
+  c.dice_weight = 0.0
+  c.class_weights = config_dict.placeholder(tuple)  # Per-class CE weights; None: equal.
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
+  c.task = "classification"  # classification, segmentation (`tlflax.tasks.TASKS`).
   c.model = model_config()
   c.data = data.default_config()
   c.optim = optim_config()

@@ -7,7 +7,7 @@ identical; `p + 0` would turn -0.0 into 0.0).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import flax
 import flax.linen as nn
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from tlflax.optim import FROZEN
+from tlflax.tasks import Task
 from tlflax.tasks import classification
 
 
@@ -43,8 +44,14 @@ def _split(params, labels):
 
 
 def make_train_step(module: nn.Module, tx: optax.GradientTransformation, labels: Any,
-                    label_smoothing: float = 0.0, seed: int = 0) -> Callable:
-  """(state, batch) -> (state, metric sums); `labels` is the static group-label tree."""
+                    label_smoothing: float = 0.0, seed: int = 0,
+                    task: Optional[Task] = None) -> Callable:
+  """(state, batch) -> (state, metric sums); `labels` is the static group-label tree.
+
+  `task` supplies the loss and metric sums (default: classification with
+  `label_smoothing`).
+  """
+  task = task or classification.make_task(label_smoothing)
   base_rng = jax.random.key(seed)
 
   def train_step(state: TrainState, batch):
@@ -53,20 +60,19 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation, labels:
 
     def loss_of(trainable_flat):
       params = flax.traverse_util.unflatten_dict({**frozen, **trainable_flat})
-      logits, new_model_state = module.apply(
+      outputs, new_model_state = module.apply(
           {"params": params, **state.model_state}, batch["image"], train=True,
           rngs={"dropout": rng}, mutable=list(state.model_state))
-      loss = classification.loss_fn(logits, batch["label"], label_smoothing)
-      return loss, (logits, new_model_state)
+      return task.loss(outputs, batch), (outputs, new_model_state)
 
-    (loss, (logits, new_model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    (loss, (outputs, new_model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(trainable)
     full_grads = flax.traverse_util.unflatten_dict(
         {**{k: jnp.zeros_like(v) for k, v in frozen.items()}, **grads})
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
     updates = flax.traverse_util.flatten_dict(updates)
     new_trainable = {k: (v + updates[k]).astype(v.dtype) for k, v in trainable.items()}
     params = flax.traverse_util.unflatten_dict({**frozen, **new_trainable})
-    metrics = classification.train_metrics(logits, batch["label"])
+    metrics = task.train_sums(outputs, batch)
     metrics["loss"] = loss * metrics["count"]
     state = state.replace(step=state.step + 1, params=params,
                           model_state=dict(new_model_state), opt_state=opt_state)
@@ -75,9 +81,12 @@ def make_train_step(module: nn.Module, tx: optax.GradientTransformation, labels:
   return train_step
 
 
-def make_eval_step(module: nn.Module) -> Callable:
+def make_eval_step(module: nn.Module, task: Optional[Task] = None) -> Callable:
+  """(state, batch) -> metric sums over the batch's real rows."""
+  task = task or classification.make_task()
+
   def eval_step(state: TrainState, batch):
-    logits = module.apply({"params": state.params, **state.model_state}, batch["image"],
-                          train=False)
-    return classification.eval_sums(logits, batch["label"], batch["mask"])
+    outputs = module.apply({"params": state.params, **state.model_state}, batch["image"],
+                           train=False)
+    return task.eval_sums(outputs, batch)
   return eval_step

@@ -10,16 +10,14 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from clu import metric_writers
 
-from tlflax import checkpoint, data, models, optim, reporting, sharding, steps
-from tlflax.tasks import classification
+from tlflax import checkpoint, data, models, optim, reporting, sharding, steps, tasks
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -48,13 +46,29 @@ def frozen_bn_patterns(bn_mode: str, labels) -> tuple:
   raise ValueError(f"model.bn_mode={bn_mode!r}; choose train, frozen or follow_params.")
 
 
+def create_module(config, num_classes: int):
+  """The task's model: a classifier, or a segmentation decoder on the backbone."""
+  mcfg = config.model
+  kwargs = dict(num_classes=num_classes, weights_dir=mcfg.get("weights_dir"),
+                dtype=DTYPES[mcfg.get("dtype", "float32")], seed=config.seed,
+                **dict(mcfg.get("kwargs", {})))
+  task = config.get("task", "classification")
+  if task == "segmentation":
+    seg = config.segmentation
+    return models.create_segmentation_model(
+        seg.head, mcfg.name, pretrained_backbone=mcfg.pretrained,
+        output_stride=seg.output_stride, aux=seg.aux, **kwargs)
+  if task != "classification":
+    raise ValueError(f"config.task={task!r} has no model builder; use classification or "
+                     "segmentation.")
+  return models.create_model(mcfg.name, pretrained=mcfg.pretrained, dropout=mcfg.get("dropout"),
+                             **kwargs)
+
+
 def build_model(config, num_classes: int):
   """Module + variables, then the optimizer and labels; BN freezing needs the labels."""
   mcfg = config.model
-  kwargs = dict(num_classes=num_classes, pretrained=mcfg.pretrained,
-                weights_dir=mcfg.get("weights_dir"), dtype=DTYPES[mcfg.get("dtype", "float32")],
-                seed=config.seed, dropout=mcfg.get("dropout"), **dict(mcfg.get("kwargs", {})))
-  module, variables = models.create_model(mcfg.name, **kwargs)
+  module, variables = create_module(config, num_classes)
   labels = optim.labels_tree(variables["params"], config.optim.rules)
   patterns = frozen_bn_patterns(mcfg.get("bn_mode", "train"), labels)
   if patterns:
@@ -68,18 +82,18 @@ def total_steps(config, steps_per_epoch: int) -> int:
   return max(1, int(math.ceil(config.num_epochs * steps_per_epoch)))
 
 
-def evaluate(eval_step, state, pipe, batch_sharding) -> Dict[str, Any]:
+def evaluate(task, eval_step, state, pipe, batch_sharding) -> Dict[str, Any]:
   sums = None
   for batch in sharding.prefetch(pipe.eval_batches(), batch_sharding):
     out = eval_step(state, batch)
     sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
-  return classification.eval_metrics(jax.device_get(sums), pipe.class_names)
+  return task.eval_metrics(jax.device_get(sums), pipe.class_names)
 
 
 def write_run_info(workdir: Path, config, pipe, pp: Dict[str, Any]) -> None:
   reporting.write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
   reporting.write_json(workdir / "run_info.json", {
-      "task": "classification", "model": config.model.name, "class_names": pipe.class_names,
+      "task": config.get("task", "classification"), "model": config.model.name, "class_names": pipe.class_names,
       "num_classes": len(pipe.class_names), "preprocessing": pp,
       "versions": reporting.package_versions(), "git_commit": reporting.git_commit(),
       "skipped_files": [list(s) for s in pipe.skipped]})
@@ -128,20 +142,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   if jax.process_index() == 0:
     write_run_info(workdir, config, pipe, pp)
   batch_sharding = sharding.batch_sharding(mesh)
-  train_step = jax.jit(steps.make_train_step(module, tx, labels, config.get("label_smoothing", 0.0),
-                                             config.seed), donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(module))
+  task = tasks.make(config)
+  train_step = jax.jit(steps.make_train_step(module, tx, labels, seed=config.seed, task=task),
+                       donate_argnums=0)
+  eval_step = jax.jit(steps.make_eval_step(module, task))
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)
   eval_every = config.get("eval_every_steps") or pipe.steps_per_epoch
   log.info("Training %s on %s: %d steps (%d per epoch), start at %d.", config.model.name,
            config.data.name, num_steps, pipe.steps_per_epoch, start)
-  state, last = train_loop(config, state, train_step, eval_step, pipe, batch_sharding, ckpt,
-                           writer, schedule, start, num_steps, eval_every, workdir)
-  return finish(workdir, state, eval_step, pipe, batch_sharding, ckpt, writer, num_steps, last)
+  state, last = train_loop(config, task, state, train_step, eval_step, pipe, batch_sharding,
+                           ckpt, writer, schedule, start, num_steps, eval_every, workdir)
+  return finish(workdir, task, state, eval_step, pipe, batch_sharding, ckpt, writer, num_steps,
+                last)
 
 
-def train_loop(config, state, train_step, eval_step, pipe, batch_sharding, ckpt, writer, schedule,
-               start, num_steps, eval_every, workdir):
+def train_loop(config, task, state, train_step, eval_step, pipe, batch_sharding, ckpt, writer,
+               schedule, start, num_steps, eval_every, workdir):
   """The step loop; returns the final state and the last eval's metrics (or None)."""
   log_every = config.get("log_every_steps", 50)
   ckpt_every = config.get("checkpoint_every_steps") or eval_every
@@ -153,8 +169,7 @@ def train_loop(config, state, train_step, eval_step, pipe, batch_sharding, ckpt,
     sums = metrics if sums is None else jax.tree_util.tree_map(jnp.add, sums, metrics)
     if step % log_every == 0 or step == num_steps:
       host = jax.device_get(sums)
-      scalars = {"train/loss": host["loss"] / host["count"],
-                 "train/accuracy": host["correct"] / host["count"],
+      scalars = {"train/loss": host["loss"] / host["count"], **task.train_scalars(host),
                  "train/lr": float(schedule(step - 1)),
                  "train/img_per_s": host["count"] / (time.time() - t0)}
       writer.write_scalars(step, scalars)
@@ -163,7 +178,8 @@ def train_loop(config, state, train_step, eval_step, pipe, batch_sharding, ckpt,
     else:
       progress.update()
     if step % eval_every == 0 and step != num_steps:
-      last = log_eval(workdir, writer, step, evaluate(eval_step, state, pipe, batch_sharding))
+      last = log_eval(workdir, writer, step,
+                      evaluate(task, eval_step, state, pipe, batch_sharding))
     if step % ckpt_every == 0 or step == num_steps:
       ckpt.save(step, state)
   progress.close()
@@ -182,18 +198,19 @@ def log_eval(workdir: Path, writer, step: int, result: Dict[str, Any]) -> Dict[s
   return scalars
 
 
-def finish(workdir, state, eval_step, pipe, batch_sharding, ckpt, writer, num_steps, last):
+def finish(workdir, task, state, eval_step, pipe, batch_sharding, ckpt, writer, num_steps, last):
   """Final eval after the last step -> summary.json (plus best-so-far under `best/`)."""
-  result = evaluate(eval_step, state, pipe, batch_sharding)
+  result = evaluate(task, eval_step, state, pipe, batch_sharding)
   history = (reporting.read_jsonl(workdir / "metrics.jsonl")
              if (workdir / "metrics.jsonl").exists() else [])
   if not history or history[-1]["step"] != num_steps:
     log_eval(workdir, writer, num_steps, result)
     history = reporting.read_jsonl(workdir / "metrics.jsonl")
   summary = dict(result["scalars"], step=num_steps)
-  accuracies = [h["eval/accuracy"] for h in history if "eval/accuracy" in h]
-  summary["best/eval/accuracy"] = max(accuracies)
-  summary["best/step"] = history[int(np.argmax(accuracies))]["step"]
+  scored = [h for h in history if task.main_metric in h]
+  best = max(scored, key=lambda h: h[task.main_metric])
+  summary[f"best/{task.main_metric}"] = best[task.main_metric]
+  summary["best/step"] = best["step"]
   if jax.process_index() == 0:
     reporting.write_json(workdir / "summary.json", summary)
   ckpt.close()

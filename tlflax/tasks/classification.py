@@ -6,12 +6,14 @@ val image exactly once, whatever the batch size.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Any, Dict, List, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from tlflax.tasks import TASKS, Task
 
 
 def loss_fn(logits, labels, label_smoothing: float = 0.0):
@@ -63,3 +65,24 @@ def eval_metrics(sums: Dict[str, np.ndarray], class_names: List[str]) -> Dict[st
                       "support": int(s)}
                for name, p, r, f, s in zip(class_names, precision, recall, f1, actual)}
   return {"scalars": metrics, "per_class": per_class, "confusion_matrix": confusion.tolist()}
+
+
+def train_scalars(sums: Mapping[str, Any]) -> Dict[str, float]:
+  return {"train/accuracy": float(sums["correct"]) / float(sums["count"])}
+
+
+def make_task(label_smoothing: float = 0.0) -> Task:
+  """Classification with softmax cross-entropy (optionally label-smoothed)."""
+  return Task(
+      name="classification",
+      loss=lambda logits, batch: loss_fn(logits, batch["label"], label_smoothing),
+      train_sums=lambda logits, batch: train_metrics(logits, batch["label"]),
+      train_scalars=train_scalars,
+      eval_sums=lambda logits, batch: eval_sums(logits, batch["label"], batch["mask"]),
+      eval_metrics=eval_metrics,
+      main_metric="eval/accuracy")
+
+
+@TASKS.register("classification")
+def _from_config(config) -> Task:
+  return make_task(config.get("label_smoothing", 0.0))

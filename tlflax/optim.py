@@ -15,9 +15,7 @@ import logging
 import re
 from typing import Any, Dict, List, Sequence, Tuple
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 

@@ -15,9 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tlflax.models import mobilenet, resnet
+from tlflax.models import (alexnet, densenet, efficientnet, inception, mobilenet, mobilenet_v3,
+                           resnet, vgg)
 from tlflax.models.classifier import ImageClassifier
-from tlflax.models.spec import ModelSpec
+from tlflax.models.segmentation import (BACKBONE_VARIABLES, SegmentationModel, backbone_options,
+                                        build_segmentation_model)
+from tlflax.models.spec import ModelSpec  # noqa: F401  (re-exported)
 from tlflax.pretrained import weights as weights_lib
 from tlflax.registry import Registry
 
@@ -25,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 # Family modules, each declaring MODEL_SPECS; adding a family is one entry here.
-_FAMILIES = (mobilenet, resnet)
+_FAMILIES = (alexnet, densenet, efficientnet, inception, mobilenet, mobilenet_v3, resnet, vgg)
 
 MODELS = Registry("model")
 for _family in _FAMILIES:
@@ -96,14 +99,58 @@ def init_variables(module: nn.Module, seed: int = 0, size: int = 32) -> Dict:
   return dict(_init(module, jax.random.key(seed, impl="rbg"), size))
 
 
-def load_pretrained(name, spec, variables, pretrained, weight, weights_dir) -> Dict:
-  """Fills `variables` from the converted checkpoint; the head is kept if its shape differs."""
+def load_pretrained(name, spec, variables, pretrained, weight, weights_dir,
+                    only: Optional[str] = None) -> Dict:
+  """Fills `variables` from the converted checkpoint; the head is kept if its shape differs.
+
+  `only`: merge just the variables matching this regex (see `load.merge`).
+  """
   from tlflax.pretrained import load as load_lib  # Deferred: conversion is rarely needed.
   if is_weight_path(pretrained):
     flat = load_lib.converted_file(str(pretrained), name, spec.source_format)
   else:
     flat = load_lib.converted_weight(weight, weights_dir)
-  merged, report = load_lib.merge(variables, flat)
+  merged, report = load_lib.merge(variables, flat, only=only)
   log.info("Loaded %d pretrained tensors into %s; re-initialised: %s", len(report["loaded"]),
-           name, report["reinitialised"] or "none")
+           name, load_lib.summarise_keys(report["reinitialised"]) or "none")
   return merged
+
+
+def create_segmentation_model(head: str, backbone: str, *, num_classes: int,
+                              pretrained_backbone: Union[bool, str, None] = None,
+                              output_stride: Optional[int] = None, aux: bool = False,
+                              weights_dir: Optional[str] = None, dtype: Any = None,
+                              frozen_bn: Tuple[str, ...] = (), seed: int = 0,
+                              head_kwargs: Optional[Dict[str, Any]] = None,
+                              **backbone_kwargs) -> Tuple[SegmentationModel, Dict]:
+  """Builds a segmentation model (`SegmentationModel`) and its variables.
+
+  Args:
+    head: "fcn", "deeplabv3" or "unet" (`tlflax.heads.SEGMENTATION_HEADS`).
+    backbone: a registered model name whose backbone returns `stride_4` ...
+      `stride_32` maps (FCN/DeepLabV3 read `stride_32`, U-Net all four, the
+      aux head `stride_16`).
+    num_classes: classes of the head (and aux head).
+    pretrained_backbone: as `create_model`'s `pretrained` (True, a tag or a
+      `.pth` path): only the checkpoint's `backbone/` variables are loaded,
+      strictly; head, aux head and the classifier's own head are left out.
+    output_stride: 8 or 16 dilates the backbone's last stages (resnet*,
+      mobilenet_v2); None keeps its native 32. torchvision's FCN/DeepLabV3 use 8.
+    aux: add torchvision's auxiliary FCNHead on `stride_16` (output "aux").
+    head_kwargs: head fields, e.g. `{"decoder_channels": (128, 64, 32)}`.
+      DeepLabV3's ASPP `rates` default to the paper's rule for the output
+      stride: (12, 24, 36) at 8 (torchvision's), (6, 12, 18) at 16, (3, 6, 9) at 32.
+    backbone_kwargs: architecture options (`width_mult=0.25`, `layers=(1, 1, 1, 1)`).
+  """
+  spec = MODELS.get(backbone)
+  options = backbone_options(backbone, spec, output_stride, backbone_kwargs)
+  module = build_segmentation_model(
+      head, spec.backbone(dtype=dtype, frozen_bn=tuple(frozen_bn), **options),
+      num_classes=num_classes, output_stride=output_stride, aux=aux, dtype=dtype,
+      frozen_bn=frozen_bn, head_kwargs=head_kwargs)
+  variables = init_variables(module, seed, spec.init_size)
+  if pretrained_backbone:
+    weight = weight_config(backbone, pretrained_backbone)
+    variables = load_pretrained(backbone, spec, variables, pretrained_backbone, weight,
+                                weights_dir, only=BACKBONE_VARIABLES)
+  return module, variables

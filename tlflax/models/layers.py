@@ -26,18 +26,20 @@ def same_padding(kernel: int, stride: int = 1, dilation: int = 1) -> Padding:
 
 
 def batch_norm(parent: nn.Module, train: bool, name: str = "bn",
-               epsilon: float = 1e-5, frozen_patterns: Sequence[str] = ()) -> nn.BatchNorm:
+               epsilon: float = 1e-5, frozen_patterns: Sequence[str] = (),
+               momentum: float = 0.9) -> nn.BatchNorm:
   """A torchvision-equivalent BatchNorm whose training mode is chosen per layer.
 
   `frozen_patterns` are regexes (full match) over the layer's path, e.g.
   `backbone/features_3/dw/bn`; a matching layer normalises with its running
   statistics and never updates them, even when `train=True`. This is how
   `bn_mode="follow_params"` freezes the statistics of frozen layers.
-  Momentum 0.9 is flax's convention for torch's momentum 0.1.
+  flax's `momentum` is 1 - torch's: the default 0.9 is torch's 0.1; 0.99 is the
+  0.01 of MobileNetV3/EfficientNet.
   """
   path = "/".join((*parent.path, name))
   frozen = any(re.fullmatch(p, path) for p in frozen_patterns)
-  return nn.BatchNorm(use_running_average=not train or frozen, momentum=0.9,
+  return nn.BatchNorm(use_running_average=not train or frozen, momentum=momentum,
                       epsilon=epsilon, dtype=getattr(parent, "dtype", None), name=name)
 
 
@@ -52,6 +54,7 @@ class DepthwiseConv(nn.Module):
   strides: Tuple[int, int] = (1, 1)
   padding: Padding = ((1, 1), (1, 1))
   use_bias: bool = False
+  dilation: Tuple[int, int] = (1, 1)
   dtype: Any = None
 
   @nn.compact
@@ -60,7 +63,7 @@ class DepthwiseConv(nn.Module):
     kernel = self.param("kernel", conv_init, (*self.kernel_size, 1, channels), jnp.float32)
     dtype = self.dtype or x.dtype
     y = depthwise_conv2d(x.astype(dtype), kernel.astype(dtype), strides=self.strides,
-                         padding=self.padding)
+                         padding=self.padding, dilation=self.dilation)
     if self.use_bias:
       y = y + self.param("bias", nn.initializers.zeros, (channels,), jnp.float32).astype(dtype)
     return y
@@ -70,7 +73,9 @@ class ConvBN(nn.Module):
   """Conv (no bias) -> BatchNorm -> optional activation: torchvision's Conv2dNormActivation.
 
   `depthwise=True` makes a channel-multiplier-1 depthwise convolution that runs
-  through `tlflax.ops.depthwise` (fast shifted form on CPU).
+  through `tlflax.ops.depthwise` (fast shifted form on CPU). `dilation` spaces
+  the kernel taps (atrous conv); the default padding `(k - 1) // 2 * dilation`
+  keeps the size at stride 1, as torchvision's Conv2dNormActivation.
   """
   features: int
   kernel_size: int = 3
@@ -79,22 +84,26 @@ class ConvBN(nn.Module):
   groups: int = 1
   activation: Optional[Callable] = nn.relu6
   padding: Optional[Padding] = None
+  dilation: int = 1
   bn_epsilon: float = 1e-5
+  bn_momentum: float = 0.9  # flax convention (1 - torch's momentum).
   frozen_bn: Tuple[str, ...] = ()
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    k, s = self.kernel_size, self.strides
-    padding = self.padding or same_padding(k)
+    k, s, d = self.kernel_size, self.strides, self.dilation
+    padding = self.padding or same_padding(k, dilation=d)
     if self.depthwise:
       if x.shape[-1] != self.features:
         raise ValueError(f"{'/'.join(self.path)}: depthwise conv needs in == out channels, "
                          f"got {x.shape[-1]} -> {self.features}.")
-      x = DepthwiseConv((k, k), (s, s), padding, dtype=self.dtype, name="conv")(x)
+      x = DepthwiseConv((k, k), (s, s), padding, dilation=(d, d), dtype=self.dtype,
+                        name="conv")(x)
     else:
       x = nn.Conv(self.features, (k, k), (s, s), padding=padding, use_bias=False,
-                  feature_group_count=self.groups, kernel_init=conv_init, dtype=self.dtype,
-                  name="conv")(x)
-    x = batch_norm(self, train, epsilon=self.bn_epsilon, frozen_patterns=self.frozen_bn)(x)
+                  kernel_dilation=(d, d), feature_group_count=self.groups,
+                  kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
+    x = batch_norm(self, train, epsilon=self.bn_epsilon, frozen_patterns=self.frozen_bn,
+                   momentum=self.bn_momentum)(x)
     return self.activation(x) if self.activation is not None else x

@@ -40,10 +40,18 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
 
 class InvertedResidual(nn.Module):
-  """Expand (1x1) -> depthwise (3x3) -> project (1x1, linear), residual when shapes allow."""
+  """Expand (1x1) -> depthwise (3x3) -> project (1x1, linear), residual when shapes allow.
+
+  `strides` is the architecture's; `keep_resolution` runs the depthwise conv at
+  stride 1 instead (its stride became dilation of the later blocks) without
+  adding a residual the architecture doesn't have. `dilation` is the depthwise
+  conv's.
+  """
   features: int
   strides: int
   expand_ratio: int
+  dilation: int = 1
+  keep_resolution: bool = False
   frozen_bn: Tuple[str, ...] = ()
   dtype: Any = None
 
@@ -55,7 +63,9 @@ class InvertedResidual(nn.Module):
     y = x
     if self.expand_ratio != 1:
       y = ConvBN(hidden, 1, name="expand", **kw)(y, train)
-    y = ConvBN(hidden, 3, self.strides, depthwise=True, name="dw", **kw)(y, train)
+    strides = 1 if self.keep_resolution else self.strides
+    y = ConvBN(hidden, 3, strides, dilation=self.dilation, depthwise=True, name="dw",
+               **kw)(y, train)
     y = ConvBN(self.features, 1, activation=None, name="project", **kw)(y, train)
     if self.strides == 1 and in_features == self.features:
       y = y + x
@@ -67,21 +77,36 @@ class MobileNetV2(nn.Module):
 
   The classifier lives outside (`tlflax.models.classifier`), so the same
   backbone serves detection and segmentation heads.
+
+  `output_stride` 16 or 8 (DeepLab) turns every stride that would take the
+  network past it into dilation, as TF DeepLab's MobileNetV2: the block whose
+  stride goes keeps the current rate, the blocks after it get rate x stride.
+  (torchvision's dilated MobileNetV3 also dilates that first block.) The keys
+  stay the nominal `stride_4` ... `stride_32`; maps past the output stride keep
+  its size (at 8: `stride_16` and `stride_32` are at 1/8 of the input).
   """
   width_mult: float = 1.0
   setting: Sequence[Tuple[int, int, int, int]] = INVERTED_RESIDUAL_SETTING
   last_channel: int = 1280
+  output_stride: int = 32
   frozen_bn: Tuple[str, ...] = ()
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False) -> Dict[str, Any]:
     kw = dict(frozen_bn=self.frozen_bn, dtype=self.dtype)
+    _check_output_stride(self.output_stride)
     x = ConvBN(make_divisible(32 * self.width_mult), 3, 2, name="features_0", **kw)(x, train)
     outputs, index = {}, 1
+    current_stride, rate = 2, 1  # After the stem.
     for t, c, n, s in self.setting:
       for i in range(n):
-        x = InvertedResidual(make_divisible(c * self.width_mult), s if i == 0 else 1, t,
+        strides, dilation, keep = (s if i == 0 else 1), rate, False
+        if strides > 1 and current_stride * strides > self.output_stride:
+          keep, rate = True, rate * strides
+        else:
+          current_stride *= strides
+        x = InvertedResidual(make_divisible(c * self.width_mult), strides, t, dilation, keep,
                              name=f"features_{index}", **kw)(x, train)
         index += 1
       # The last block before each stride-2 step ends a pyramid level.
@@ -91,6 +116,17 @@ class MobileNetV2(nn.Module):
     outputs["stride_32"] = x
     return {k: outputs[k] for k in ("stride_4", "stride_8", "stride_16", "stride_32")
             if k in outputs}
+
+
+def _check_output_stride(output_stride: int) -> None:
+  if output_stride not in (8, 16, 32):
+    raise ValueError(f"MobileNetV2 output_stride must be 8, 16 or 32, got {output_stride!r}.")
+
+
+def output_stride_kwargs(output_stride: int) -> Dict[str, Any]:
+  """Backbone options for output stride 32, 16 or 8 (`ModelSpec.output_stride`)."""
+  _check_output_stride(output_stride)
+  return {"output_stride": output_stride}
 
 
 def _stride_after(setting, t, c, n, s) -> int:
@@ -103,4 +139,5 @@ def _stride_after(setting, t, c, n, s) -> int:
   raise AssertionError("group not in setting")
 
 
-MODEL_SPECS = {"mobilenet_v2": ModelSpec(MobileNetV2, STAGES, dropout=0.2)}
+MODEL_SPECS = {"mobilenet_v2": ModelSpec(MobileNetV2, STAGES, dropout=0.2,
+                                         output_stride=output_stride_kwargs)}

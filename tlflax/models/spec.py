@@ -7,7 +7,7 @@ them into the one registry.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
 
@@ -26,6 +26,9 @@ class ModelSpec:
   dropout: dropout before the head, as in the torchvision classifier.
   init_size: the input size used to create variables (parameter shapes never
     depend on it; some architectures need a minimum, e.g. Inception-v3 75 px).
+  output_stride: `(output_stride) -> backbone kwargs` that dilate the last
+    stages so the deepest map is at 1/8 or 1/16 of the input (DeepLab); None
+    when the backbone cannot dilate.
   """
   backbone: Callable[..., nn.Module]
   stages: Tuple[Tuple[str, str], ...]
@@ -33,3 +36,4 @@ class ModelSpec:
   dropout: float = 0.0
   source_format: str = "torchvision"
   init_size: int = 32
+  output_stride: Optional[Callable[[int], Dict[str, Any]]] = None

@@ -7,7 +7,9 @@ the kh*kw kernel taps of strided slices of the padded input times one weight
 per channel: elementwise work that XLA fuses into single loops. A
 `jax.custom_vjp` keeps the gradients in the same form: the input gradient as
 the stride-phase transpose, the weight gradient as one multi-output reduction,
-both in one loop over batch chunks that stay in cache. Arithmetic is float32
+both in one loop over batch chunks that stay in cache. Dilation (atrous
+convolution, DeepLab's output stride) moves kernel tap (i, j) to input offset
+(i * dh, j * dw); nothing else changes. Arithmetic is float32
 whatever the input dtype (bf16 in, bf16 out). GPU and TPU keep
 `lax.conv_general_dilated` ("lax"). Measurements: benchmarks/depthwise_layer.py.
 """
@@ -38,22 +40,29 @@ def default_impl() -> str:
   return "shifted" if jax.default_backend() == "cpu" else "lax"
 
 
-def depthwise_conv2d(x, kernel, *, strides=(1, 1), padding=((1, 1), (1, 1)), impl=None):
+def depthwise_conv2d(x, kernel, *, strides=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1),
+                     impl=None):
   """NHWC depthwise conv; `kernel` is (kh, kw, 1, C) as flax's nn.Conv with groups=C.
 
   `padding` is explicit ((top, bottom), (left, right)) and may be asymmetric.
+  `dilation` is the kernel (rhs) dilation: tap (i, j) reads input offset
+  (i * dh, j * dw), as `nn.Conv(kernel_dilation=...)` and torch's `dilation`.
   The output has the dtype of `x`; the "shifted" path accumulates in float32.
   """
-  strides, padding = _normalize(x, kernel, strides, padding)
+  strides, padding, dilation = _normalize(x, kernel, strides, padding, dilation)
   impl = impl or default_impl()
   if impl == "lax":
-    return _lax_conv(x, kernel.astype(x.dtype), strides, padding)
+    return _lax_conv(x, kernel.astype(x.dtype), strides, padding, dilation)
   if impl == "shifted":
-    return _shifted(x, kernel, strides, padding)
+    return _shifted(x, kernel, strides, padding, dilation)
   raise ValueError(f"depthwise_conv2d: impl={impl!r}; expected one of {IMPLS} or None.")
 
 
-def _normalize(x, kernel, strides, padding):
+def _pair(value):
+  return (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+
+
+def _normalize(x, kernel, strides, padding, dilation):
   """Checks shapes up front: a mismatch would otherwise surface as an obscure slice error."""
   if x.ndim != 4:
     raise ValueError(f"depthwise_conv2d: x must be NHWC (4-D), got shape {x.shape}.")
@@ -61,22 +70,27 @@ def _normalize(x, kernel, strides, padding):
   if kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[3] != channels:
     raise ValueError(f"depthwise_conv2d: kernel must be (kh, kw, 1, C={channels}) for x of "
                      f"shape {x.shape}, got {kernel.shape}.")
-  if isinstance(strides, int):
-    strides = (strides, strides)
-  strides = tuple(int(s) for s in strides)
+  strides, dilation = _pair(strides), _pair(dilation)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   if len(strides) != 2 or min(strides) < 1 or len(padding) != 2:
     raise ValueError(f"depthwise_conv2d: bad strides {strides} or padding {padding}.")
-  for size, (lo, hi), k, s in zip(x.shape[1:3], padding, kernel.shape[:2], strides):
-    if min(lo, hi) < 0 or size + lo + hi < k:
+  if len(dilation) != 2 or min(dilation) < 1:
+    raise ValueError(f"depthwise_conv2d: dilation must be two integers >= 1, got {dilation}.")
+  for size, (lo, hi), k, d in zip(x.shape[1:3], padding, kernel.shape[:2], dilation):
+    if min(lo, hi) < 0 or size + lo + hi < _extent(k, d):
       raise ValueError(f"depthwise_conv2d: padding {padding} too small for input "
-                       f"{x.shape} and kernel {kernel.shape}.")
-  return strides, padding
+                       f"{x.shape}, kernel {kernel.shape} and dilation {dilation}.")
+  return strides, padding, dilation
 
 
-def _lax_conv(x, kernel, strides, padding):
+def _extent(k, d):
+  """Input rows a kernel of k taps spans at dilation d."""
+  return (k - 1) * d + 1
+
+
+def _lax_conv(x, kernel, strides, padding, dilation):
   return lax.conv_general_dilated(
-      x, kernel, window_strides=strides, padding=padding,
+      x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
 
 
@@ -85,7 +99,8 @@ def _out_size(size, lo, hi, k, s):
 
 
 def _tap(xp, i, j, out_h, out_w, strides):
-  """The input window that kernel tap (i, j) multiplies, for every output pixel."""
+  """The padded-input window at offset (i, j) (a kernel tap's offset, dilation included)
+  that the tap multiplies, for every output pixel."""
   sh, sw = strides
   return lax.slice(xp, (0, i, j, 0),
                    (xp.shape[0], i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1, xp.shape[3]),
@@ -102,7 +117,8 @@ def _window(size, lo, k, s, out):
 
 
 def _tap_unpadded(x, i, j, out_h, out_w, strides, padding):
-  """Tap (i, j)'s window as pad(strided slice of x): fuses into consumers, no padded copy."""
+  """`_tap`'s window at offset (i, j) as pad(strided slice of x): fuses into consumers,
+  no padded copy."""
   n, h, w, c = x.shape
   sh, sw = strides
   h0, hn, hb, ha = _window(h, padding[0][0], i, sh, out_h)
@@ -124,7 +140,7 @@ def _pad_fused(kernel, strides):
   return max(strides) > 1 and kernel.shape[0] * kernel.shape[1] <= 9
 
 
-def _forward(x, kernel, strides, padding):
+def _forward(x, kernel, strides, padding, dilation):
   """Sum over taps of shifted input times per-channel weight, accumulated in f32.
 
   Stride 1 (and 5x5 kernels) read the taps from an explicitly padded copy:
@@ -133,8 +149,9 @@ def _forward(x, kernel, strides, padding):
   pad(strided slice of x) and XLA fuses the padding too (2x faster there).
   """
   kh, kw = kernel.shape[:2]
-  out_h = _out_size(x.shape[1], *padding[0], kh, strides[0])
-  out_w = _out_size(x.shape[2], *padding[1], kw, strides[1])
+  dh, dw = dilation
+  out_h = _out_size(x.shape[1], *padding[0], _extent(kh, dh), strides[0])
+  out_w = _out_size(x.shape[2], *padding[1], _extent(kw, dw), strides[1])
   k = kernel.astype(jnp.float32)
   if _pad_fused(kernel, strides):
     tap = lambda i, j: _tap_unpadded(x, i, j, out_h, out_w, strides, padding)
@@ -144,17 +161,17 @@ def _forward(x, kernel, strides, padding):
   y = None
   for i in range(kh):
     for j in range(kw):
-      term = tap(i, j).astype(jnp.float32) * k[i, j, 0]
+      term = tap(i * dh, j * dw).astype(jnp.float32) * k[i, j, 0]
       y = term if y is None else y + term
   return y.astype(x.dtype)
 
 
-def _input_grad(dy, kernel, x_shape, strides, padding):
+def _input_grad(dy, kernel, x_shape, strides, padding, dilation):
   """Transpose of the forward, one phase per stride offset (no zero-dilated dy).
 
-  With stride s, padded-input row p = s*m + r only receives taps i = s*t + r,
-  from output row m - t: each of the s*s phases is a small stride-1 shifted
-  sum over dy. Interior padding (a fused branch) interleaves the phases and
+  With stride s and dilation d, padded-input row p = s*m + r only receives the
+  taps i with i*d = s*t + r, from output row m - t: each of the s*s phases is a
+  small stride-1 shifted sum over dy. Interior padding (a fused branch) interleaves the phases and
   negative edge padding crops the conv padding, all in one loop.
   """
   n, h, w, c = x_shape
@@ -165,7 +182,8 @@ def _input_grad(dy, kernel, x_shape, strides, padding):
   dx = None
   for r in range(sh):
     for q in range(sw):
-      ph = _phase(dy, k, r, q, rows, cols, strides)
+      ph = _phase(dy, k, _phase_taps(k.shape[0], dilation[0], sh, r),
+                  _phase_taps(k.shape[1], dilation[1], sw, q), rows, cols)
       if ph is None:
         continue
       # Phase element m lands on padded row s*m + r, i.e. on dx row s*m + r - pt.
@@ -179,27 +197,30 @@ def _input_grad(dy, kernel, x_shape, strides, padding):
   return dx.astype(dy.dtype)
 
 
-def _phase(dy, k, r, q, rows, cols, strides):
-  """dxp[s*m + r, s*m' + q] = sum_t,u dy[m - t, m' - u] * k[s*t + r, s*u + q], in f32."""
-  sh, sw = strides
-  kh, kw = k.shape[:2]
-  ti, tj = len(range(r, kh, sh)), len(range(q, kw, sw))
-  if not ti or not tj:
+def _phase_taps(k, d, s, r):
+  """(shift t, tap i) of the taps of one axis whose offset i*d lands on phase r: i*d = s*t + r."""
+  return [(i * d // s, i) for i in range(k) if i * d % s == r]
+
+
+def _phase(dy, k, row_taps, col_taps, rows, cols):
+  """dxp[s*m + r, s*m' + q] = sum over the phase's taps of dy[m - t, m' - u] * k[i, j], in f32."""
+  if not row_taps or not col_taps:
     return None
   n, out_h, out_w, c = dy.shape
-  top, left = ti - 1, tj - 1  # Pad dy so that m - t is in range for m < rows, t < ti.
+  top = max(t for t, _ in row_taps)  # Pad dy so that m - t is in range for m < rows.
+  left = max(u for u, _ in col_taps)
   dyp = lax.pad(dy, jnp.zeros((), dy.dtype),
                 ((0, 0, 0), (top, rows - out_h, 0), (left, cols - out_w, 0), (0, 0, 0)))
   acc = None
-  for t in range(ti):
-    for u in range(tj):
+  for t, i in row_taps:
+    for u, j in col_taps:
       win = lax.slice(dyp, (0, top - t, left - u, 0), (n, top - t + rows, left - u + cols, c))
-      term = win.astype(jnp.float32) * k[sh * t + r, sw * u + q, 0]
+      term = win.astype(jnp.float32) * k[i, j, 0]
       acc = term if acc is None else acc + term
   return acc
 
 
-def _weight_grad(x, dy, kh, kw, strides, padding):
+def _weight_grad(x, dy, kh, kw, strides, padding, dilation):
   """Per-tap sums over (n, h, w) of shifted padded input times dy, in f32: (kh*kw, C).
 
   One variadic reduce computes all kh*kw sums in a single pass over x and dy
@@ -210,7 +231,8 @@ def _weight_grad(x, dy, kh, kw, strides, padding):
   out_h, out_w = dy.shape[1:3]
   xp = lax.optimization_barrier(_pad(x, padding))
   dyf = dy.astype(jnp.float32)
-  prods = tuple(_tap(xp, i, j, out_h, out_w, strides).astype(jnp.float32) * dyf
+  dh, dw = dilation
+  prods = tuple(_tap(xp, i * dh, j * dw, out_h, out_w, strides).astype(jnp.float32) * dyf
                 for i in range(kh) for j in range(kw))
   zeros = tuple(jnp.zeros((), jnp.float32) for _ in prods)
   sums = lax.reduce(prods, zeros, lambda a, b: tuple(u + v for u, v in zip(a, b)), (0, 1, 2))
@@ -246,28 +268,29 @@ def _batch_loop(block, arrays, out_shapes, acc_shape, chunk):
   return carry
 
 
-def _chunked_forward(x, kernel, strides, padding):
+def _chunked_forward(x, kernel, strides, padding, dilation):
   """The forward over batch chunks (the padded chunk stays in cache).
 
   The fused-padding form has no padded copy to keep in cache, and inside the
   loop XLA fuses the chunk's dynamic slice into it, which measured 4x slower.
   """
+  forward = lambda a: _forward(a, kernel, strides, padding, dilation)
   chunk = _chunk_size(x)
   if chunk >= x.shape[0] or _pad_fused(kernel, strides):
-    return _forward(x, kernel, strides, padding)
-  block = lambda xc: ((_forward(xc, kernel, strides, padding),), 0.0)
-  out = jax.eval_shape(lambda a: _forward(a, kernel, strides, padding), x)
+    return forward(x)
+  block = lambda xc: ((forward(xc),), 0.0)
+  out = jax.eval_shape(forward, x)
   (y,), _ = _batch_loop(block, (x,), (out,), (), chunk)
   return y
 
 
-def _backward(x, kernel, dy, strides, padding):
+def _backward(x, kernel, dy, strides, padding, dilation):
   """Both gradients in one loop over batch chunks, so x and dy are read from memory once."""
   kh, kw = kernel.shape[:2]
 
   def block(xc, dyc):
-    dxc = _input_grad(dyc, kernel, xc.shape, strides, padding).astype(x.dtype)
-    return (dxc,), _weight_grad(xc, dyc, kh, kw, strides, padding)
+    dxc = _input_grad(dyc, kernel, xc.shape, strides, padding, dilation).astype(x.dtype)
+    return (dxc,), _weight_grad(xc, dyc, kh, kw, strides, padding, dilation)
 
   chunk = _chunk_size(x)
   if chunk >= x.shape[0]:
@@ -279,25 +302,25 @@ def _backward(x, kernel, dy, strides, padding):
 
 
 def _make_shifted_op():
-  """custom_vjp with strides/padding as static (non-differentiable) arguments.
+  """custom_vjp with strides/padding/dilation as static (non-differentiable) arguments.
 
   Residuals are just x and the kernel: the backward recomputes the padded
   chunks in cache instead of keeping a padded copy of x alive in memory.
   """
 
-  def f(strides, padding, x, kernel):
-    return _chunked_forward(x, kernel, strides, padding)
+  def f(strides, padding, dilation, x, kernel):
+    return _chunked_forward(x, kernel, strides, padding, dilation)
 
-  def fwd(strides, padding, x, kernel):
-    return f(strides, padding, x, kernel), (x, kernel)
+  def fwd(strides, padding, dilation, x, kernel):
+    return f(strides, padding, dilation, x, kernel), (x, kernel)
 
-  def bwd(strides, padding, res, dy):
+  def bwd(strides, padding, dilation, res, dy):
     x, kernel = res
-    return _backward(x, kernel, dy, strides, padding)
+    return _backward(x, kernel, dy, strides, padding, dilation)
 
-  op = jax.custom_vjp(f, nondiff_argnums=(0, 1))
+  op = jax.custom_vjp(f, nondiff_argnums=(0, 1, 2))
   op.defvjp(fwd, bwd)
-  return lambda x, kernel, strides, padding: op(strides, padding, x, kernel)
+  return lambda x, kernel, strides, padding, dilation: op(strides, padding, dilation, x, kernel)
 
 
 _shifted = _make_shifted_op()

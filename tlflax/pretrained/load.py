@@ -18,6 +18,8 @@ import flax
 import numpy as np
 
 from tlflax.pretrained import convert_torchvision  # noqa: F401  (registers converters)
+from tlflax.pretrained import convert_segmentation  # noqa: F401  (registers converters)
+from tlflax.pretrained import convert_efficientnet_pytorch  # noqa: F401  (registers)
 from tlflax.pretrained import sources
 from tlflax.pretrained.convert_torchvision import CONVERTERS, Flat
 from tlflax.pretrained.pth import load_state_dict
@@ -87,22 +89,40 @@ class PretrainedMismatchError(ValueError):
   """Checkpoint and model disagree on names or shapes outside the re-initialised head."""
 
 
-def merge(variables: Mapping[str, Any], pretrained: Flat,
-          reinit: str = r"params/head/.*") -> Tuple[Dict[str, Any], Dict[str, List[str]]]:
+def summarise_keys(keys: List[str]) -> str:
+  """`head/aspp (24 tensors), head/classifier (2)`: module prefixes with tensor counts,
+  short enough for a log line however deep the module tree."""
+  counts: Dict[str, int] = {}
+  for key in keys:
+    module = "/".join(key.split("/")[1:3])  # Drop the collection (params, batch_stats).
+    counts[module] = counts.get(module, 0) + 1
+  return ", ".join(f"{m} ({n} tensor{'s' * (n > 1)})" for m, n in sorted(counts.items()))
+
+
+def merge(variables: Mapping[str, Any], pretrained: Flat, reinit: str = r"params/head/.*",
+          only: Optional[str] = None) -> Tuple[Dict[str, Any], Dict[str, List[str]]]:
   """Strictly fills `variables` from `pretrained`.
 
   Every model variable must come from the checkpoint with the same shape,
   except those matching `reinit` (the classifier), which keep their fresh
   initialisation when the shapes differ (a new class count) and are reported.
   Checkpoint tensors the model lacks are errors, unless they match `reinit`.
+  `only` (a regex, full match) limits all of this to the keys it matches:
+  model variables outside it keep their initialisation and are reported as
+  re-initialised, checkpoint tensors outside it as unused. A segmentation
+  model takes a classifier checkpoint's backbone this way
+  (`only=r"(params|batch_stats)/backbone/.*"`), strictly, and drops its head.
   Returns the merged variables and a report {loaded, reinitialised, unused}.
   """
   target = flatten(variables)
+  inside = lambda key: only is None or re.fullmatch(only, key) is not None
   report = {"loaded": [], "reinitialised": [], "unused": []}
   problems = []
   for key, value in target.items():
     source = pretrained.get(key)
-    if source is not None and tuple(source.shape) == tuple(value.shape):
+    if not inside(key):
+      report["reinitialised"].append(key)
+    elif source is not None and tuple(source.shape) == tuple(value.shape):
       target[key] = np.asarray(source, dtype=value.dtype)
       report["loaded"].append(key)
     elif re.fullmatch(reinit, key):
@@ -112,13 +132,16 @@ def merge(variables: Mapping[str, Any], pretrained: Flat,
     else:
       problems.append(f"shape mismatch: {key} model {tuple(value.shape)} "
                       f"checkpoint {tuple(source.shape)}")
-  for key in sorted(set(pretrained) - set(target)):
-    (report["unused"] if re.fullmatch(reinit, key) else problems).append(
-        key if re.fullmatch(reinit, key) else f"unexpected in checkpoint: {key}")
+  for key in sorted(pretrained):
+    if not inside(key):
+      report["unused"].append(key)
+    elif key not in target:
+      (report["unused"] if re.fullmatch(reinit, key) else problems).append(
+          key if re.fullmatch(reinit, key) else f"unexpected in checkpoint: {key}")
   if problems:
     raise PretrainedMismatchError(
         f"{len(problems)} mismatches between checkpoint and model:\n  " + "\n  ".join(problems))
   if report["reinitialised"]:
-    log.info("Re-initialised (not in checkpoint or new shape): %s",
-             ", ".join(report["reinitialised"]))
+    log.debug("Re-initialised (not in checkpoint or new shape): %s",
+              summarise_keys(report["reinitialised"]))
   return unflatten(target), report

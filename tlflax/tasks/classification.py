@@ -84,5 +84,5 @@ def make_task(label_smoothing: float = 0.0) -> Task:
 
 
 @TASKS.register("classification")
-def _from_config(config) -> Task:
+def _from_config(config, **unused_context) -> Task:
   return make_task(config.get("label_smoothing", 0.0))

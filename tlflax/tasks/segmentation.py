@@ -160,7 +160,7 @@ def make_task(num_classes: Optional[int] = None, ignore_index: int = IGNORE_INDE
 
 
 @TASKS.register("segmentation")
-def _from_config(config) -> Task:
+def _from_config(config, **unused_context) -> Task:
   seg = config.segmentation
   return make_task(ignore_index=config.data.get("ignore_index", IGNORE_INDEX),
                    ce_weight=seg.ce_weight, dice_weight=seg.dice_weight,

@@ -66,10 +66,26 @@ def segmentation_config() -> ml_collections.ConfigDict:
   return c
 
 
+def detection_config() -> ml_collections.ConfigDict:
+  """Fields of `config.detection` (experiments with `task = "detection"` add it).
+
+  `config.model` names the backbone and its ImageNet weight; FPN levels come
+  from its stride_8/16/32 maps.
+  """
+  c = ml_collections.ConfigDict()
+  c.head = "retinanet"  # retinanet, fcos.
+  c.fpn_channels = 256
+  c.score_threshold = 0.05  # Eval / predict post-processing, as torchvision's defaults.
+  c.iou_threshold = 0.5  # Per-class NMS.
+  c.pre_nms_top_k = 1000
+  c.max_detections = 100
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.task = "classification"  # classification, segmentation (`tlflax.tasks.TASKS`).
+  c.task = "classification"  # classification, segmentation, detection (`tlflax.tasks.TASKS`).
   c.model = model_config()
   c.data = data.default_config()
   c.optim = optim_config()

@@ -9,6 +9,9 @@ bar. What it writes depends on the run's task:
   segmentation    OUTDIR/masks/<name>.png (class index per pixel, at the
                   image's own size), OUTDIR/overlays/<name>.png (colours over
                   the photo), OUTDIR/predictions.csv (pixel share per class)
+  detection       OUTDIR/detections.json (per file: boxes [x1, y1, x2, y2] in
+                  the image's own pixels, label, score) and, with --draw,
+                  OUTDIR/drawn/<name>.png
 
 Unreadable files get a row with the reason in the `error` column; the rest
 still run. No pretrained weight file is needed: everything comes from the
@@ -103,6 +106,21 @@ def segmentation_input(image: np.ndarray, model: TrainedModel) -> np.ndarray:
   from tlflax.data import preprocess  # pylint: disable=g-import-not-at-top
   x = preprocess.resize(tf.constant(image), model.image_size, model.image_size).numpy()
   return ((x / 255.0 - model.mean) / model.std).astype(np.float32)
+
+
+def detection_input(image: np.ndarray, model: TrainedModel):
+  """Longer side resized to image_size (aspect kept), padded bottom/right; and the scale."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tlflax.data import preprocess  # pylint: disable=g-import-not-at-top
+  size = model.image_size
+  height, width = image.shape[:2]
+  scale = size / max(height, width)
+  new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+  x = preprocess.resize(tf.constant(image), new_h, new_w).numpy()
+  x = (x / 255.0 - model.mean) / model.std
+  padded = np.zeros((size, size, 3), np.float32)
+  padded[:new_h, :new_w] = x
+  return padded, scale
 
 
 def batches(paths: Sequence[Path], prepare, batch_size: int
@@ -224,8 +242,67 @@ def output_stems(paths: Sequence[Path]) -> Dict[Path, str]:
   return {p: "__".join(p.relative_to(root).with_suffix("").parts) for p in paths}
 
 
+def predict_detection(model: TrainedModel, paths, out: Path, batch_size: int, draw: bool,
+                      progress) -> List[List[Any]]:
+  from tlflax.heads import detection as det  # pylint: disable=g-import-not-at-top
+  from tlflax.models import detection as det_models  # pylint: disable=g-import-not-at-top
+  cfg = model.config.detection
+  priors = det_models.priors_for(model.module, model.image_size)
+  results, rows = {}, []
+  stems = output_stems(paths)
+  if draw:
+    (out / "drawn").mkdir(parents=True, exist_ok=True)
+  for items, x in batches(paths, lambda im: detection_input(im, model)[0], batch_size):
+    found = None
+    if len(x):
+      found = det.postprocess(cfg.head, model(x), priors, score_threshold=cfg.score_threshold,
+                              iou_threshold=cfg.iou_threshold, pre_nms_top_k=cfg.pre_nms_top_k,
+                              max_detections=cfg.max_detections)
+      found = {k: np.asarray(v) for k, v in found.items()}
+    row_index = 0
+    for path, image, error in items:
+      if image is None:
+        results[str(path)] = {"error": error}
+        rows.append([str(path), error])
+      else:
+        scale = model.image_size / max(image.shape[:2])
+        keep = found["valid"][row_index]
+        boxes = clip_boxes(found["boxes"][row_index][keep] / scale, image.shape[:2])
+        detections = [{"box": [round(float(v), 2) for v in box],
+                       "label": model.class_names[int(c)], "score": round(float(s), 5)}
+                      for box, c, s in zip(boxes, found["classes"][row_index][keep],
+                                           found["scores"][row_index][keep])]
+        results[str(path)] = {"detections": detections}
+        if draw:
+          draw_boxes(image, detections, model.class_names).save(out / "drawn" / f"{stems[path]}.png")
+        rows.append([str(path), ""])
+        row_index += 1
+      progress.update(1)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "detections.json").write_text(json.dumps(results, indent=1))
+  return rows
+
+
+def clip_boxes(boxes: np.ndarray, shape) -> np.ndarray:
+  height, width = shape
+  return np.clip(boxes, 0, [width, height, width, height])
+
+
+def draw_boxes(image: np.ndarray, detections, class_names):
+  """The photo with each box outlined in its class colour and labelled with its score."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  colours = palette(len(class_names) + 1)[1:]  # Skip black.
+  canvas = Image.fromarray(image)
+  pen = ImageDraw.Draw(canvas)
+  for d in detections:
+    colour = tuple(int(v) for v in colours[class_names.index(d["label"])])
+    pen.rectangle(d["box"], outline=colour, width=2)
+    pen.text((d["box"][0] + 2, d["box"][1] + 1), f"{d['label']} {d['score']:.2f}", fill=colour)
+  return canvas
+
+
 def predict(workdir: str, images: str, out: str, batch_size: int = 16, top_k: int = 5,
-            alpha: float = 0.5) -> Dict[str, Any]:
+            alpha: float = 0.5, draw: bool = False) -> Dict[str, Any]:
   """Runs the trained model of `workdir` on `images`; returns a small summary."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   model = TrainedModel(workdir)
@@ -236,6 +313,8 @@ def predict(workdir: str, images: str, out: str, batch_size: int = 16, top_k: in
   with tqdm(total=len(paths), unit="img", dynamic_ncols=True) as progress:
     if model.task == "segmentation":
       rows = predict_segmentation(model, paths, out_dir, batch_size, alpha, progress)
+    elif model.task == "detection":
+      rows = predict_detection(model, paths, out_dir, batch_size, draw, progress)
     elif model.task == "classification":
       rows = predict_classification(model, paths, out_dir, batch_size, top_k, progress)
     else:
@@ -253,13 +332,14 @@ def main(argv=None) -> None:
   flags.DEFINE_integer("batch_size", 16, "Images per forward pass.")
   flags.DEFINE_integer("top_k", 5, "Classification: labels per image.")
   flags.DEFINE_float("alpha", 0.5, "Segmentation overlays: colour opacity.")
+  flags.DEFINE_bool("draw", False, "Detection: also write the images with their boxes drawn.")
   flags.mark_flags_as_required(["workdir", "images", "out"])
 
   def run(unused_argv):
     from tlflax import xla_env  # pylint: disable=g-import-not-at-top
     xla_env.configure()
     f = flags.FLAGS
-    summary = predict(f.workdir, f.images, f.out, f.batch_size, f.top_k, f.alpha)
+    summary = predict(f.workdir, f.images, f.out, f.batch_size, f.top_k, f.alpha, f.draw)
     print(json.dumps(summary))
 
   app.run(run, argv)

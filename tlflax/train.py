@@ -58,9 +58,14 @@ def create_module(config, num_classes: int):
     return models.create_segmentation_model(
         seg.head, mcfg.name, pretrained_backbone=mcfg.pretrained,
         output_stride=seg.output_stride, aux=seg.aux, **kwargs)
+  if task == "detection":
+    det = config.detection
+    return models.create_detection_model(
+        det.head, mcfg.name, pretrained_backbone=mcfg.pretrained,
+        image_size=config.data.image_size, fpn_channels=det.fpn_channels, **kwargs)
   if task != "classification":
-    raise ValueError(f"config.task={task!r} has no model builder; use classification or "
-                     "segmentation.")
+    raise ValueError(f"config.task={task!r} has no model builder; use classification, "
+                     "segmentation or detection.")
   return models.create_model(mcfg.name, pretrained=mcfg.pretrained, dropout=mcfg.get("dropout"),
                              **kwargs)
 

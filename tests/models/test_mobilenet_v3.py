@@ -1,9 +1,8 @@
 """MobileNetV3-Small/Large: exact parity with torchvision (random weights, non-trivial BN).
 
-Tiny widths (width_mult=0.25) run by default, the real widths with --runslow.
-tlflax's pre-logits layer keeps torchvision's width at width_mult 1 (1024 /
-1280) whatever the backbone width, so the tiny references are torchvision's
-`MobileNetV3` class built with that `last_channel`.
+Tiny widths (width_mult=0.25) run by default, the real widths with --runslow;
+the references are torchvision's own constructors at the same `width_mult`
+(which also scales the pre-logits layer: 1024 * 0.25 for Small).
 """
 import jax
 import jax.numpy as jnp
@@ -16,14 +15,16 @@ from tlflax.pretrained import convert_torchvision, load, weights
 
 torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
-mobilenetv3 = torchvision.models.mobilenetv3
 
-LAST_CHANNEL = {"mobilenet_v3_small": 1024, "mobilenet_v3_large": 1280}
 FEATURES = {
     "mobilenet_v3_small": {"stride_4": "features.1", "stride_8": "features.3",
-                           "stride_16": "features.8", "stride_32": "features.12"},
+                           "stride_16": "features.8", "stride_32": "features.12",
+                           "entry_stride_4": "features.1", "entry_stride_8": "features.2",
+                           "entry_stride_16": "features.4", "entry_stride_32": "features.9"},
     "mobilenet_v3_large": {"stride_4": "features.3", "stride_8": "features.6",
-                           "stride_16": "features.12", "stride_32": "features.16"},
+                           "stride_16": "features.12", "stride_32": "features.16",
+                           "entry_stride_4": "features.2", "entry_stride_8": "features.4",
+                           "entry_stride_16": "features.7", "entry_stride_32": "features.13"},
 }
 TINY = dict(width_mult=0.25)
 
@@ -31,8 +32,7 @@ TINY = dict(width_mult=0.25)
 def reference(name, width_mult=1.0, num_classes=3):
   """A torchvision MobileNetV3 with random weights and BN statistics."""
   torch.manual_seed(0)
-  setting, _ = mobilenetv3._mobilenet_v3_conf(name, width_mult=width_mult)
-  model = mobilenetv3.MobileNetV3(setting, LAST_CHANNEL[name], num_classes=num_classes)
+  model = getattr(torchvision.models, name)(width_mult=width_mult, num_classes=num_classes)
   return randomise_bn(model)
 
 
@@ -83,22 +83,28 @@ def test_batch_norm_momentum_matches_torch_in_training():
 
 
 @pytest.mark.parametrize("name,channels", [
-    ("mobilenet_v3_small", {"stride_4": 8, "stride_8": 8, "stride_16": 16, "stride_32": 144}),
-    ("mobilenet_v3_large", {"stride_4": 8, "stride_8": 16, "stride_16": 32, "stride_32": 240}),
+    ("mobilenet_v3_small", {"stride_4": 8, "stride_8": 8, "stride_16": 16, "stride_32": 144,
+                            "entry_stride_4": 8, "entry_stride_8": 8, "entry_stride_16": 16,
+                            "entry_stride_32": 24}),
+    ("mobilenet_v3_large", {"stride_4": 8, "stride_8": 16, "stride_16": 32, "stride_32": 240,
+                            "entry_stride_4": 8, "entry_stride_8": 16, "entry_stride_16": 24,
+                            "entry_stride_32": 40}),
 ])
 def test_feature_maps_have_strides_4_to_32(name, channels):
   spec = tlflax.models.MODELS.get(name)
   backbone = spec.backbone(**TINY)
   x = jnp.zeros((1, 64, 64, 3), jnp.float32)
   features, _ = jax.eval_shape(lambda: backbone.init_with_output(jax.random.key(0), x))
+  size = lambda key: 64 // int(key.rsplit("_", 1)[1])
   assert {k: v.shape[1:] for k, v in features.items()} == {
-      k: (64 // int(k[7:]), 64 // int(k[7:]), c) for k, c in channels.items()}
+      k: (size(k), size(k), c) for k, c in channels.items()}
 
 
 def test_create_model_with_new_class_count():
   module, variables = tlflax.create_model("mobilenet_v3_small", num_classes=3, **TINY)
-  assert variables["params"]["pre_logits"]["fc"]["kernel"].shape == (144, 1024)
-  assert variables["params"]["head"]["kernel"].shape == (1024, 3)
+  # torchvision's last_channel follows width_mult: _make_divisible(1024 * 0.25) = 256.
+  assert variables["params"]["pre_logits"]["fc"]["kernel"].shape == (144, 256)
+  assert variables["params"]["head"]["kernel"].shape == (256, 3)
   assert module.dropout == 0.2
   backbone = variables["params"]["backbone"]
   assert "features_12" in backbone and "features_13" not in backbone

@@ -17,8 +17,9 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "digits"  # Registered dataset, see `data.DATASETS.names()`.
 
-  # Splits. eval_split None -> "val" for `folder` and `mask_folder`, "test"
-  # for TFDS datasets ("validation" for `cityscapes`).
+  # Splits. eval_split None -> "val" for `folder`, `mask_folder`,
+  # `voc_folder` and `coco_json`, "test" for TFDS datasets ("validation" for
+  # `cityscapes`, `voc/2012` and `coco/2017`).
   c.train_split = "train"
   c.eval_split = config_dict.placeholder(str)
   c.split_seed = 0  # `digits`: seed of the fixed stratified 80/20 split.
@@ -34,7 +35,9 @@ def default_config() -> ml_collections.ConfigDict:
   # <root>/splits/<split>.txt (one stem per line).
   c.masks_dir = "masks"
   # Class names, e.g. ("background", "pet"). None: the dataset's default
-  # (`oxford_iiit_pet`, `cityscapes`); `mask_folder` needs it set.
+  # (`oxford_iiit_pet`, `cityscapes`); `mask_folder` needs it set. Detection:
+  # the foreground classes in index order, e.g. ("cat", "dog"); None for
+  # `voc_folder` is the sorted object names of both splits (after class_map).
   c.class_names = config_dict.placeholder(tuple)
   # ((raw mask value, class index or ignore_index), ...), e.g.
   # segmentation.PETS_TRIMAP_2CLASS[1]. None: the dataset's default; for
@@ -44,8 +47,29 @@ def default_config() -> ml_collections.ConfigDict:
   # Train-time random scale of the shorter side, as a multiple of image_size.
   c.scale_range = (0.5, 2.0)
 
+  # Detection (label_kind "boxes": xyxy boxes and classes per image).
+  # `voc_folder`: <root>/<images_dir>/<stem>.<ext>, Pascal VOC XML
+  # <root>/<annotations_dir>/<stem>.xml, <root>/splits/<split>.txt.
+  # `coco_json`: <root>/<images_dir>/<file_name> and the COCO instances JSON
+  # <root>/<annotations>; "{split}" in images_dir and annotations becomes the
+  # split name, e.g. for COCO 2017 train_split="train2017",
+  # eval_split="val2017", images_dir="{split}" and the default annotations.
+  c.images_dir = "images"
+  c.annotations_dir = "xmls"
+  c.annotations = "annotations/instances_{split}.json"
+  # `voc_folder`: ((name in the XML, class name), ...) to rename or merge
+  # object names, e.g. (("Cat", "cat"), ("kitten", "cat")); names it does not
+  # list are kept as they are.
+  c.class_map = config_dict.placeholder(tuple)
+  c.max_boxes = 100  # Box rows per image in a batch (padding: class -1).
+  # Boxes narrower or lower than this many pixels after resizing (and
+  # cropping) are dropped from the batches.
+  c.min_box_size = 1.0
+  # Train-time scale jitter: a random factor on the fit-to-image_size scale.
+  c.box_scale_range = (0.75, 1.25)
+
   # TFDS datasets (cifar10, cifar100, svhn_cropped, mnist, oxford_iiit_pet,
-  # cityscapes).
+  # cityscapes, voc/2007, voc/2012, coco/2017).
   c.tfds_data_dir = config_dict.placeholder(str)
   # Where datasets that need a manual download (`cityscapes`: the zips
   # leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip) were put.
@@ -57,7 +81,9 @@ def default_config() -> ml_collections.ConfigDict:
 
   # Preprocessing. Datasets with masks (label_kind "mask") use image_size,
   # scale_range and flip only: random scale, pad and crop to image_size for
-  # training, a plain resize to image_size x image_size for eval.
+  # training, a plain resize to image_size x image_size for eval. Datasets
+  # with boxes use image_size, box_scale_range, flip, max_boxes and
+  # min_box_size (see data.preprocess_boxes).
   c.image_size = 224
   c.resize_size = config_dict.placeholder(int)  # None: round(image_size/0.875).
   c.train_crop = "random_resized_crop"  # Or "resize" (tiny images).

@@ -17,8 +17,12 @@ partial epoch's rows before decoding. (tf.data mixes a global
 when resuming.)
 
 The source's `label_kind` picks the transforms: "class" (an int32 label per
-image, `preprocess.py`) or "mask" (an int32 [S, S] label map per image,
-`preprocess_masks.py`, padding rows of eval batches labelled ignore_index).
+image, `preprocess.py`), "mask" (an int32 [S, S] label map per image,
+`preprocess_masks.py`, padding rows of eval batches labelled ignore_index)
+or "boxes" ("boxes" float32 [M, 4] and "classes" int32 [M] per image, M =
+`max_boxes`, class -1 on padding rows, `preprocess_boxes.py`; eval batches
+add "image_id", "scale" and "orig_size", and their padding rows have
+image_id -1, classes -1 and every other field 0).
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import tensorflow as tf
 
 from tlflax.data import cache as cache_lib
 from tlflax.data import preprocess
+from tlflax.data import preprocess_boxes
 from tlflax.data import preprocess_masks
 from tlflax.data.config import default_config
 from tlflax.data.registry import build_source
@@ -41,6 +46,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _SHUFFLE, _AUGMENT = 0, 1  # Seed purposes, so the two streams differ.
 _NO_END = np.iinfo(np.int64).max
+TRANSFORMS = {"class": preprocess, "mask": preprocess_masks,
+              "boxes": preprocess_boxes}  # label_kind -> its module.
 
 
 def _seed(seed: int, purpose: int, *data) -> tf.Tensor:
@@ -102,7 +109,7 @@ class Pipeline:
       raise ValueError(f"batch_size={batch_size} is larger than the "
                        f"{source.num_train} training examples.")
     self.num_eval_batches = math.ceil(source.num_eval / eval_batch_size)
-    transforms = preprocess_masks if self.label_kind == "mask" else preprocess
+    transforms = TRANSFORMS[self.label_kind]
     self._train_fn = transforms.train_transform(config, mean, std)
     self._eval_fn = transforms.eval_transform(config, mean, std)
     self._records: Dict[str, Records] = {}
@@ -126,7 +133,8 @@ class Pipeline:
   def train_batches(self, start_step: int = 0) -> Iterator[dict]:
     """Endless {"image": float32 [b,S,S,3], "label": int32 [b]} from a step.
 
-    With masks the label is int32 [b, S, S].
+    With masks the label is int32 [b, S, S]; with boxes there is no label
+    but "boxes" float32 [b, M, 4] and "classes" int32 [b, M].
     """
     return self.train_dataset(start_step).as_numpy_iterator()
 
@@ -219,11 +227,24 @@ class Pipeline:
   def _padding(self) -> dict:
     """The row that fills the last eval batch: mask 0, labels ignored."""
     size = self.config.image_size
+    if self.label_kind == "boxes":
+      return self._box_padding()
     if self.label_kind == "mask":
       label = tf.fill([size, size], tf.constant(self.ignore_index, tf.int32))
     else:
       label = tf.constant(0, tf.int32)
     return {"image": tf.zeros([size, size, 3], tf.float32), "label": label,
+            "mask": tf.constant(0.0, tf.float32)}
+
+  def _box_padding(self) -> dict:
+    """A detection padding row: no boxes, image_id -1, scale and size 0."""
+    size, max_boxes = self.config.image_size, int(self.config.max_boxes)
+    return {"image": tf.zeros([size, size, 3], tf.float32),
+            "boxes": tf.zeros([max_boxes, 4], tf.float32),
+            "classes": tf.fill([max_boxes], tf.constant(-1, tf.int32)),
+            "image_id": tf.constant(-1, tf.int32),
+            "scale": tf.constant(0.0, tf.float32),
+            "orig_size": tf.zeros([2], tf.int32),
             "mask": tf.constant(0.0, tf.float32)}
 
 

@@ -189,17 +189,20 @@ def config_mapping(config: ml_collections.ConfigDict,
 # mask_folder.
 
 
-def read_split(root: Path, split: str) -> List[str]:
-  """The stems listed in <root>/splits/<split>.txt (blank lines skipped)."""
+def read_split(root: Path, split: str, layout: str = LAYOUT) -> List[str]:
+  """The stems listed in <root>/splits/<split>.txt (blank lines skipped).
+
+  `layout` ends the error messages: the expected layout of the dataset.
+  """
   path = root / "splits" / f"{split}.txt"
   if not path.is_file():
     found = sorted(p.name for p in (root / "splits").glob("*.txt"))
     raise FileNotFoundError(f"Split file {path} does not exist (split files "
-                            f"in {root / 'splits'}: {found}). {LAYOUT}")
+                            f"in {root / 'splits'}: {found}). {layout}")
   stems = [line.strip() for line in path.read_text().splitlines()]
   stems = [s for s in stems if s]
   if not stems:
-    raise ValueError(f"Split file {path} lists no stems. {LAYOUT}")
+    raise ValueError(f"Split file {path} lists no stems. {layout}")
   repeated = sorted(s for s, n in collections.Counter(stems).items() if n > 1)
   if repeated:
     raise ValueError(f"Split file {path} lists {repeated[:MAX_LISTED]} more "
@@ -207,10 +210,11 @@ def read_split(root: Path, split: str) -> List[str]:
   return stems
 
 
-def index_files(folder: Path, extensions: frozenset) -> Dict[str, List[Path]]:
+def index_files(folder: Path, extensions: frozenset,
+                layout: str = LAYOUT) -> Dict[str, List[Path]]:
   """{stem: [files with that stem and an allowed extension]} of a folder."""
   if not folder.is_dir():
-    raise FileNotFoundError(f"Folder {folder} does not exist. {LAYOUT}")
+    raise FileNotFoundError(f"Folder {folder} does not exist. {layout}")
   index: Dict[str, List[Path]] = {}
   for path in sorted(folder.iterdir()):
     if path.is_file() and path.suffix.lower() in extensions:

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 Example = Mapping[str, tf.Tensor]
 AUTOTUNE = tf.data.AUTOTUNE
-LABEL_KINDS = ("class", "mask")
+LABEL_KINDS = ("class", "mask", "boxes")
 
 
 def identity(record: Example) -> Example:
@@ -72,8 +72,14 @@ class SplitSource:
   `train`/`eval` yield {"image": uint8 [H, W, 3] (size may vary per example),
   "label": ...}. With `label_kind` "class" the label is an int32 scalar; with
   "mask" it is a uint8 or int32 [H, W] map of class indices, the config's
-  `ignore_index` marking pixels without a class. `skipped` lists (path,
-  reason) for inputs the builder left out. Builders that can, also fill
+  `ignore_index` marking pixels without a class. With "boxes" there is no
+  "label": examples are {"image", "boxes": float32 [K, 4] (x1, y1, x2, y2)
+  in original pixels (continuous, 0-based), "classes": int32 [K],
+  "image_id": int32 (the example's index in its split)}, optionally with
+  "crowd": bool [K] (COCO iscrowd / VOC difficult: no training target,
+  ignored by COCOeval) and "area": float32 [K] (the area COCOeval buckets
+  by; the box area when absent). `skipped` lists (path, reason) for inputs
+  the builder left out (or, for boxes, repaired). Builders that can, also fill
   `train_records` and `eval_records` (see `Records`); without them the
   pipeline falls back to reading `train`/`eval` as streams.
   """

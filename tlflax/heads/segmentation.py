@@ -54,7 +54,8 @@ def _classifier(head: nn.Module, num_classes: int):
 class FCNHead(nn.Module):
   """torchvision's FCNHead: 3x3 conv to in/4 channels + BN + ReLU, dropout, 1x1 classifier.
 
-  Also the auxiliary head (`in_feature="stride_16"`), as torchvision's FCN and DeepLabV3.
+  Also the auxiliary head, as torchvision's FCN and DeepLabV3 (on `stride_16` for
+  ResNets, `entry_stride_8` for MobileNetV3: `ModelSpec.aux_feature`).
   """
   num_classes: int
   in_feature: str = "stride_32"

@@ -7,6 +7,7 @@ ImageNet checkpoint and a freshly initialised head for the new class count.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 from typing import Any, Dict, Optional, Tuple, Union
@@ -18,6 +19,8 @@ import jax.numpy as jnp
 from tlflax.models import (alexnet, densenet, efficientnet, inception, mobilenet, mobilenet_v3,
                            resnet, vgg)
 from tlflax.models.classifier import ImageClassifier
+from tlflax.models.detection import (DetectionModel, build_detection_model,  # noqa: F401
+                                     create_detection_model, priors_for)
 from tlflax.models.segmentation import (BACKBONE_VARIABLES, SegmentationModel, backbone_options,
                                         build_segmentation_model)
 from tlflax.models.spec import ModelSpec  # noqa: F401  (re-exported)
@@ -80,11 +83,21 @@ def create_model(name: str, *, num_classes: Optional[int] = None,
   module = ImageClassifier(
       backbone=spec.backbone(dtype=dtype, frozen_bn=tuple(frozen_bn), **backbone_kwargs),
       num_classes=num_classes, dropout=spec.dropout if dropout is None else dropout,
-      pre_logits=spec.pre_logits(dtype=dtype) if spec.pre_logits else None, dtype=dtype)
+      pre_logits=build_pre_logits(spec, dtype, backbone_kwargs), dtype=dtype)
   variables = init_variables(module, seed, spec.init_size)
   if pretrained:
     variables = load_pretrained(name, spec, variables, pretrained, weight, weights_dir)
   return module, variables
+
+
+def build_pre_logits(spec: ModelSpec, dtype: Any,
+                     backbone_kwargs: Dict[str, Any]) -> Optional[nn.Module]:
+  """`spec.pre_logits` with `dtype` and the backbone options its signature names, so a
+  layer whose width depends on the backbone's (MobileNetV3's `width_mult`) can follow it."""
+  if spec.pre_logits is None:
+    return None
+  named = inspect.signature(spec.pre_logits).parameters
+  return spec.pre_logits(dtype=dtype, **{k: v for k, v in backbone_kwargs.items() if k in named})
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -119,6 +132,7 @@ def load_pretrained(name, spec, variables, pretrained, weight, weights_dir,
 def create_segmentation_model(head: str, backbone: str, *, num_classes: int,
                               pretrained_backbone: Union[bool, str, None] = None,
                               output_stride: Optional[int] = None, aux: bool = False,
+                              aux_feature: Optional[str] = None,
                               weights_dir: Optional[str] = None, dtype: Any = None,
                               frozen_bn: Tuple[str, ...] = (), seed: int = 0,
                               head_kwargs: Optional[Dict[str, Any]] = None,
@@ -129,25 +143,32 @@ def create_segmentation_model(head: str, backbone: str, *, num_classes: int,
     head: "fcn", "deeplabv3" or "unet" (`tlflax.heads.SEGMENTATION_HEADS`).
     backbone: a registered model name whose backbone returns `stride_4` ...
       `stride_32` maps (FCN/DeepLabV3 read `stride_32`, U-Net all four, the
-      aux head `stride_16`).
+      aux head `aux_feature`).
     num_classes: classes of the head (and aux head).
     pretrained_backbone: as `create_model`'s `pretrained` (True, a tag or a
       `.pth` path): only the checkpoint's `backbone/` variables are loaded,
       strictly; head, aux head and the classifier's own head are left out.
     output_stride: 8 or 16 dilates the backbone's last stages (resnet*,
-      mobilenet_v2); None keeps its native 32. torchvision's FCN/DeepLabV3 use 8.
-    aux: add torchvision's auxiliary FCNHead on `stride_16` (output "aux").
+      mobilenet_v2; mobilenet_v3_* only 16); None keeps its native 32.
+      torchvision's FCN/DeepLabV3 use 8 on ResNets, 16 on MobileNetV3-Large.
+    aux: add torchvision's auxiliary FCNHead (output "aux").
+    aux_feature: the map the aux head reads; None is the backbone's
+      `ModelSpec.aux_feature`, torchvision's choice (`stride_16` for ResNets,
+      `entry_stride_8` for MobileNetV3).
     head_kwargs: head fields, e.g. `{"decoder_channels": (128, 64, 32)}`.
       DeepLabV3's ASPP `rates` default to the paper's rule for the output
       stride: (12, 24, 36) at 8 (torchvision's), (6, 12, 18) at 16, (3, 6, 9) at 32.
+      torchvision's deeplabv3_mobilenet_v3_large keeps (12, 24, 36) at 16: pass
+      `{"rates": (12, 24, 36)}` to run its converted checkpoint.
     backbone_kwargs: architecture options (`width_mult=0.25`, `layers=(1, 1, 1, 1)`).
   """
   spec = MODELS.get(backbone)
   options = backbone_options(backbone, spec, output_stride, backbone_kwargs)
   module = build_segmentation_model(
       head, spec.backbone(dtype=dtype, frozen_bn=tuple(frozen_bn), **options),
-      num_classes=num_classes, output_stride=output_stride, aux=aux, dtype=dtype,
-      frozen_bn=frozen_bn, head_kwargs=head_kwargs)
+      num_classes=num_classes, output_stride=output_stride, aux=aux,
+      aux_feature=aux_feature or spec.aux_feature, dtype=dtype, frozen_bn=frozen_bn,
+      head_kwargs=head_kwargs)
   variables = init_variables(module, seed, spec.init_size)
   if pretrained_backbone:
     weight = weight_config(backbone, pretrained_backbone)

@@ -11,8 +11,8 @@ table (`tlflax/pretrained/convert_torchvision.py`):
   classifier.3 (final Linear)       -> head
 
 All BatchNorms use torchvision's eps 0.001 and momentum 0.01 (flax 0.99).
-torchvision's `dilated=True` option (used by its segmentation models) is not
-implemented: the depthwise op has no dilation.
+`output_stride=16` is torchvision's `dilated=True` (its DeepLabV3 / LR-ASPP
+backbones): same parameters, the last stage dilated instead of strided.
 """
 from __future__ import annotations
 
@@ -89,25 +89,32 @@ class SqueezeExcitation(nn.Module):
 
 
 class InvertedResidual(nn.Module):
-  """Expand (1x1, if wider) -> depthwise (3x3/5x5) -> optional SE -> project (1x1, linear)."""
+  """Expand (1x1, if wider) -> depthwise (3x3/5x5) -> optional SE -> project (1x1, linear).
+
+  `dilation` is the depthwise conv's.
+  """
   features: int
   kernel_size: int
   expanded: int
   use_se: bool
   activation: str
   strides: int
+  dilation: int = 1
   frozen_bn: Tuple[str, ...] = ()
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     kw = dict(frozen_bn=self.frozen_bn, dtype=self.dtype, **BN)
+    # torchvision's rule: a dilated block's depthwise conv never strides (its stride
+    # became the dilation), but the block keeps its stride for the residual decision.
+    dw_strides = 1 if self.dilation > 1 else self.strides
     act = ACTIVATIONS[self.activation]
     y = x
     if self.expanded != x.shape[-1]:
       y = ConvBN(self.expanded, 1, activation=act, name="expand", **kw)(y, train)
-    y = ConvBN(self.expanded, self.kernel_size, self.strides, depthwise=True, activation=act,
-               name="dw", **kw)(y, train)
+    y = ConvBN(self.expanded, self.kernel_size, dw_strides, depthwise=True, activation=act,
+               dilation=self.dilation, name="dw", **kw)(y, train)
     if self.use_se:
       # torchvision squeezes to _make_divisible(expanded // 4, 8) channels.
       y = SqueezeExcitation(make_divisible(self.expanded // 4), dtype=self.dtype, name="se")(y)
@@ -118,44 +125,68 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV3(nn.Module):
-  """MobileNetV3 feature extractor: the maps at strides 4/8/16/32.
+  """MobileNetV3 feature extractor: the maps at strides 4/8/16/32, and where each begins.
 
   `stride_32` is the last 1x1 conv (960 channels for Large, 576 for Small,
-  after hardswish): torchvision's `features` output. Every other map is the
-  output of the last block before a stride-2 block. `width_mult` scales every
-  width as torchvision's `width_mult` does (tiny test models).
+  after hardswish): torchvision's `features` output. Every other `stride_s` is
+  the output of the last block before a stride-2 block. `entry_stride_s` is
+  the output of the stride-2 block that enters stride s (torchvision's "C1" ...
+  "C4" in its segmentation models, whose aux head reads `entry_stride_8`).
+  `width_mult` scales every width as torchvision's `width_mult` does.
+
+  `output_stride=16` is torchvision's `dilated=True`: every block of the last
+  stage, its stride-2 block included, gets dilation 2, and that block's
+  depthwise conv runs at stride 1. The names stay nominal: `stride_32` and
+  `entry_stride_32` are then at 1/16 of the input.
   """
   setting: Sequence[Block] = LARGE_SETTING
   width_mult: float = 1.0
+  output_stride: int = 32
   frozen_bn: Tuple[str, ...] = ()
   dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train: bool = False) -> Dict[str, Any]:
+    _check_output_stride(self.output_stride)
     kw = dict(frozen_bn=self.frozen_bn, dtype=self.dtype)
     width = lambda c: make_divisible(c * self.width_mult)
     x = ConvBN(width(STEM_CHANNELS), 3, 2, activation=nn.hard_swish, name="features_0",
                **BN, **kw)(x, train)
-    outputs, stride = {}, 2
+    outputs, stride, dilation = {}, 2, 1
     for index, (k, expanded, out, se, act, s) in enumerate(self.setting, start=1):
       if s == 2:  # The map before each downsampling ends a pyramid level.
         outputs[f"stride_{stride}"] = x
         stride *= s
-      x = InvertedResidual(width(out), k, width(expanded), se, act, s,
+        if stride > self.output_stride:
+          dilation *= s
+      x = InvertedResidual(width(out), k, width(expanded), se, act, s, dilation,
                            name=f"features_{index}", **kw)(x, train)
+      if s == 2:
+        outputs[f"entry_stride_{stride}"] = x
     x = ConvBN(6 * x.shape[-1], 1, activation=nn.hard_swish,
                name=f"features_{len(self.setting) + 1}", **BN, **kw)(x, train)
     outputs[f"stride_{stride}"] = x
-    return {k: outputs[k] for k in ("stride_4", "stride_8", "stride_16", "stride_32")}
+    return {f"{kind}stride_{level}": outputs[f"{kind}stride_{level}"]
+            for kind in ("", "entry_") for level in (4, 8, 16, 32)}
+
+
+def _check_output_stride(output_stride: int) -> None:
+  if output_stride not in (16, 32):
+    raise ValueError(f"MobileNetV3 output_stride must be 16 (torchvision's dilated=True) or "
+                     f"32, got {output_stride!r}.")
+
+
+def output_stride_kwargs(output_stride: int) -> Dict[str, Any]:
+  """Backbone options for output stride 32 or 16 (`ModelSpec.output_stride`)."""
+  _check_output_stride(output_stride)
+  return {"output_stride": output_stride}
 
 
 class MobileNetV3PreLogits(nn.Module):
   """Global mean pool -> Linear (`fc`) -> hardswish: torchvision's `classifier[0:2]`.
 
-  The width is torchvision's `last_channel` at width_mult 1 (1280 Large, 1024
-  Small); it does not follow the backbone's `width_mult` (the pre-logits
-  factory only receives `dtype`), unlike torchvision's `_make_divisible(1280 *
-  width_mult)`.
+  The width is torchvision's `last_channel`: 1280 (Large) or 1024 (Small)
+  times the backbone's `width_mult`, made divisible by 8 (`_pre_logits`).
   """
   features: int = 1280
   dtype: Any = None
@@ -169,15 +200,20 @@ class MobileNetV3PreLogits(nn.Module):
     return nn.hard_swish(x)
 
 
-def _pre_logits(features: int):
-  return lambda dtype=None, **_: MobileNetV3PreLogits(features, dtype=dtype)
+def _pre_logits(last_channel: int):
+  """The pre-logits factory; `create_model` passes it `width_mult`, which it names."""
+  def factory(dtype=None, width_mult: float = 1.0):
+    return MobileNetV3PreLogits(make_divisible(last_channel * width_mult), dtype=dtype)
+  return factory
 
 
 MODEL_SPECS = {
     "mobilenet_v3_large": ModelSpec(
         functools.partial(MobileNetV3, setting=LARGE_SETTING), LARGE_STAGES,
-        pre_logits=_pre_logits(1280), dropout=0.2),
+        pre_logits=_pre_logits(1280), dropout=0.2, output_stride=output_stride_kwargs,
+        aux_feature="entry_stride_8"),
     "mobilenet_v3_small": ModelSpec(
         functools.partial(MobileNetV3, setting=SMALL_SETTING), SMALL_STAGES,
-        pre_logits=_pre_logits(1024), dropout=0.2),
+        pre_logits=_pre_logits(1024), dropout=0.2, output_stride=output_stride_kwargs,
+        aux_feature="entry_stride_8"),
 }

@@ -65,23 +65,25 @@ def backbone_options(name: str, spec: ModelSpec, output_stride: Optional[int],
       return dict(backbone_kwargs)
     raise ValueError(f"Backbone {name!r} cannot dilate its last stages, so output_stride="
                      f"{output_stride} is not available; use output_stride=None (32) or a "
-                     "dilatable backbone (resnet*, mobilenet_v2).")
+                     "dilatable backbone (resnet*, mobilenet_v2, mobilenet_v3_*).")
   return {**spec.output_stride(output_stride), **backbone_kwargs}
 
 
 def build_segmentation_model(head: str, backbone: nn.Module, *, num_classes: int,
                              output_stride: Optional[int] = None, aux: bool = False,
-                             dtype: Any = None, frozen_bn: Sequence[str] = (),
+                             aux_feature: str = "stride_16", dtype: Any = None,
+                             frozen_bn: Sequence[str] = (),
                              head_kwargs: Optional[Mapping[str, Any]] = None
                              ) -> SegmentationModel:
   """The module for a registered head name ("fcn", "deeplabv3", "unet") on `backbone`.
 
   DeepLabV3's rates default to the paper's rule for `output_stride`
   (`deeplab_rates`); `head_kwargs` override any head field. The aux head is
-  torchvision's: an FCNHead on the `stride_16` map.
+  torchvision's: an FCNHead, on `aux_feature` (torchvision's map for ResNets;
+  `ModelSpec.aux_feature` names each backbone's).
   """
   kw = dict(num_classes=num_classes, dtype=dtype, frozen_bn=tuple(frozen_bn))
   defaults = {"rates": deeplab_rates(output_stride)} if head == "deeplabv3" else {}
   head_module = SEGMENTATION_HEADS.get(head)(**kw, **{**defaults, **(head_kwargs or {})})
-  aux_head = FCNHead(in_feature="stride_16", **kw) if aux else None
+  aux_head = FCNHead(in_feature=aux_feature, **kw) if aux else None
   return SegmentationModel(backbone=backbone, head=head_module, aux_head=aux_head)

@@ -13,6 +13,12 @@ heads map as:
                  classifier.0.project.{0,1}      -> head/aspp/project/{conv,bn}
                  classifier.1 / .2 / .4          -> head/conv/conv, head/conv/bn, head/classifier
   aux_classifier (an FCNHead)                    -> aux_head/...
+
+deeplabv3_mobilenet_v3_large's backbone is the `features` Sequential itself
+(`backbone.<index>...`, its stride-8 map `backbone.4` feeding the aux head);
+it runs as `create_segmentation_model("deeplabv3", "mobilenet_v3_large",
+output_stride=16, aux=True, head_kwargs={"rates": (12, 24, 36)})`, the rates
+being torchvision's there rather than the paper's (6, 12, 18).
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from tlflax.pretrained.convert_torchvision import (CONVERTERS, Flat, convert_state_dict,
-                                                   rename_resnet)
+                                                   rename_mobilenet_v3, rename_resnet)
 
 Rename = Callable[[str, Mapping[str, np.ndarray]], str]
 _FCN_LAYERS = {"0": "conv/conv", "1": "conv/bn", "4": "classifier"}
@@ -79,6 +85,14 @@ def convert_segmentation(state_dict: Mapping[str, np.ndarray], rename_backbone: 
   return flat
 
 
+def convert_deeplabv3_mobilenet_v3(state_dict: Mapping[str, np.ndarray]) -> Flat:
+  """torchvision's backbone here is the classifier's `features` (`backbone.4.block...`):
+  restoring the `features.` level lets the classification renamer map it."""
+  restored = {(f"backbone.features.{k[len('backbone.'):]}" if k.startswith("backbone.") else k): v
+              for k, v in state_dict.items()}
+  return convert_segmentation(restored, rename_mobilenet_v3, rename_deeplab_head)
+
+
 def _register(model: str, rename_backbone: Rename, rename_head: Rename) -> None:
   CONVERTERS.register(f"torchvision:{model}",
                       lambda sd: convert_segmentation(sd, rename_backbone, rename_head))
@@ -88,3 +102,4 @@ _fcn = lambda prefix, sd: rename_fcn_head(prefix, sd, "head")
 for _depth in (50, 101):
   _register(f"fcn_resnet{_depth}", rename_resnet, _fcn)
   _register(f"deeplabv3_resnet{_depth}", rename_resnet, rename_deeplab_head)
+CONVERTERS.register("torchvision:deeplabv3_mobilenet_v3_large", convert_deeplabv3_mobilenet_v3)

@@ -51,5 +51,5 @@ def make(config: ml_collections.ConfigDict, **context) -> Task:
   module, for its anchors, and the pipeline, for the eval ground truth).
   """
   # Importing registers the tasks; deferred so `tlflax.tasks` stays import-light.
-  from tlflax.tasks import classification, segmentation  # noqa: F401
+  from tlflax.tasks import classification, detection, segmentation  # noqa: F401
   return TASKS.get(config.get("task", "classification"))(config, **context)

@@ -26,6 +26,8 @@ def coco_metrics(ground_truth: Mapping[str, Any], detections: Sequence[Mapping[s
   """`eval/AP` ... `eval/APl` and `eval/AP/<class>` from COCOeval, plus the printed summary.
 
   With no detections at all every AP is 0 (COCOeval cannot load an empty result).
+  `eval/APs` / `APm` / `APl` are -1, as COCOeval reports them, when the ground truth has
+  no box of that size (pets heads are never "small").
   Classes without ground-truth boxes have no AP (-1 in COCOeval) and are reported as None.
   """
   from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
@@ -47,7 +49,8 @@ def coco_metrics(ground_truth: Mapping[str, Any], detections: Sequence[Mapping[s
   summary = io.StringIO()
   with contextlib.redirect_stdout(summary):
     evaluator.summarize()
-  scalars = {f"eval/{name}": max(0.0, float(v)) for name, v in zip(STAT_NAMES, evaluator.stats)}
+  # As COCOeval prints them: -1 where no ground-truth box falls in that area range.
+  scalars = {f"eval/{name}": float(v) for name, v in zip(STAT_NAMES, evaluator.stats)}
   per_class = {}
   for index, name in enumerate(class_names):
     ap = per_class_ap(evaluator, category_id(index))

@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tlflax.models.layers import ConvBN, Padding, conv_init
+from tlflax.models.layers import ConvBN, Padding, SqueezeExcitation
 from tlflax.models.mobilenet import make_divisible
 from tlflax.models.spec import ModelSpec
 
@@ -74,20 +74,6 @@ def stochastic_depth(module: nn.Module, x, rate: float, train: bool):
   return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
 
 
-class SqueezeExcitation(nn.Module):
-  """torchvision's SqueezeExcitation with SiLU: x * sigmoid(fc2(silu(fc1(mean(x)))))."""
-  squeeze_channels: int
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x):
-    s = jnp.mean(x, axis=(1, 2), keepdims=True)
-    s = nn.Conv(self.squeeze_channels, (1, 1), kernel_init=conv_init, dtype=self.dtype,
-                name="fc1")(s)
-    s = nn.Conv(x.shape[-1], (1, 1), kernel_init=conv_init, dtype=self.dtype,
-                name="fc2")(nn.silu(s))
-    return x * nn.sigmoid(s)
-
 
 class MBConv(nn.Module):
   """Expand (1x1) -> depthwise (k x k) -> [squeeze-excite] -> project (1x1, linear) [+ x]."""
@@ -117,7 +103,8 @@ class MBConv(nn.Module):
     padding = tf_same_padding(y.shape[1:3], k, s) if self.tf_padding else None
     y = ConvBN(hidden, k, s, depthwise=True, padding=padding, name="dw", **kw)(y, train)
     if self.squeeze_excite:
-      y = SqueezeExcitation(max(1, in_features // 4), dtype=self.dtype, name="se")(y)
+      y = SqueezeExcitation(max(1, in_features // 4), nn.silu, nn.sigmoid,
+                            dtype=self.dtype, name="se")(y)
     y = ConvBN(self.features, 1, name="project", **{**kw, "activation": None})(y, train)
     if s == 1 and in_features == self.features:
       y = stochastic_depth(self, y, self.drop_rate, train) + x

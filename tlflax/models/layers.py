@@ -107,3 +107,25 @@ class ConvBN(nn.Module):
     x = batch_norm(self, train, epsilon=self.bn_epsilon, frozen_patterns=self.frozen_bn,
                    momentum=self.bn_momentum)(x)
     return self.activation(x) if self.activation is not None else x
+
+
+class SqueezeExcitation(nn.Module):
+  """Channel gating, torchvision's SqueezeExcitation: x * gate(fc2(act(fc1(mean(x))))).
+
+  EfficientNet uses SiLU / sigmoid, MobileNetV3 ReLU / hard sigmoid. The two
+  1x1 convs (with bias) are torchvision's `fc1` / `fc2` Conv2d modules, kept as
+  convs so their kernels convert like every other conv.
+  """
+  squeeze_channels: int
+  activation: Callable = nn.relu
+  gate: Callable = nn.sigmoid
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    scale = jnp.mean(x, axis=(1, 2), keepdims=True)
+    scale = nn.Conv(self.squeeze_channels, (1, 1), kernel_init=conv_init, dtype=self.dtype,
+                    name="fc1")(scale)
+    scale = nn.Conv(x.shape[-1], (1, 1), kernel_init=conv_init, dtype=self.dtype,
+                    name="fc2")(self.activation(scale))
+    return x * self.gate(scale)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from tlflax.models.layers import ConvBN, conv_init
+from tlflax.models.layers import ConvBN, SqueezeExcitation
 from tlflax.models.mobilenet import make_divisible
 from tlflax.models.spec import ModelSpec
 
@@ -69,24 +69,6 @@ SMALL_STAGES: Tuple[Tuple[str, str], ...] = (
 )
 
 
-class SqueezeExcitation(nn.Module):
-  """Channel gating: mean pool -> 1x1 conv -> ReLU -> 1x1 conv -> hardsigmoid -> scale.
-
-  The two 1x1 convs (with bias) are torchvision's `fc1`/`fc2` Conv2d modules,
-  kept as convs so their kernels convert like every other conv.
-  """
-  squeeze_channels: int
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x):
-    scale = jnp.mean(x, axis=(1, 2), keepdims=True)
-    scale = nn.Conv(self.squeeze_channels, (1, 1), kernel_init=conv_init, dtype=self.dtype,
-                    name="fc1")(scale)
-    scale = nn.Conv(x.shape[-1], (1, 1), kernel_init=conv_init, dtype=self.dtype,
-                    name="fc2")(nn.relu(scale))
-    return x * nn.hard_sigmoid(scale)
-
 
 class InvertedResidual(nn.Module):
   """Expand (1x1, if wider) -> depthwise (3x3/5x5) -> optional SE -> project (1x1, linear).
@@ -117,7 +99,8 @@ class InvertedResidual(nn.Module):
                dilation=self.dilation, name="dw", **kw)(y, train)
     if self.use_se:
       # torchvision squeezes to _make_divisible(expanded // 4, 8) channels.
-      y = SqueezeExcitation(make_divisible(self.expanded // 4), dtype=self.dtype, name="se")(y)
+      y = SqueezeExcitation(make_divisible(self.expanded // 4), nn.relu, nn.hard_sigmoid,
+                            dtype=self.dtype, name="se")(y)
     y = ConvBN(self.features, 1, activation=None, name="project", **kw)(y, train)
     if self.strides == 1 and x.shape[-1] == self.features:
       y = y + x

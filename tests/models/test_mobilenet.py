@@ -58,3 +58,17 @@ def test_head_is_reinitialised_for_new_class_count():
   _, variables = tlflax.create_model("mobilenet_v2", pretrained=True, num_classes=3)
   assert variables["params"]["head"]["kernel"].shape == (1280, 3)
   assert "mobilenet_v2" in tlflax.list_models("mobile*")
+
+
+@pytest.mark.parametrize("name,kwargs", [("mobilenet_v2", {"width_mult": 0.25}),
+                                         ("resnet18", {"base_channels": 8})])
+def test_bfloat16_compute_keeps_float32_params_and_logits(name, kwargs):
+  import jax.numpy as jnp
+  x = np.random.RandomState(0).randn(2, 64, 64, 3).astype(np.float32)
+  module32, variables = tlflax.create_model(name, num_classes=5, **kwargs)
+  module16, variables16 = tlflax.create_model(name, num_classes=5, dtype=jnp.bfloat16, **kwargs)
+  assert {v.dtype for v in jax.tree_util.tree_leaves(variables16)} == {np.dtype("float32")}
+  reference = np.asarray(jax.jit(module32.apply)(variables, x))
+  logits = jax.jit(module16.apply)(variables, x)  # Same float32 parameters, bf16 compute.
+  assert logits.dtype == jnp.float32
+  assert 0 < relative_error(logits, reference) < 0.05

@@ -298,7 +298,9 @@ def test_tpe_search_prunes_on_intermediate_evals_and_writes_best_config(tmp_path
   assert config.label_smoothing == best.params["label_smoothing"]
   assert config.total_steps == 6 and config.data.train_split == "train"  # No holdout fields.
   md = (root / "tpe" / "results.md").read_text()
-  assert "WARNING: trials were selected on the VAL split" in md  # digits: no holdout.
+  # digits: trials were selected on a holdout carved from train (data.holdout_fraction).
+  assert "WARNING: trials were selected on the VAL split" not in md
+  assert config.data.holdout_fraction == 0.0  # The best config trains on all of train.
   assert "trial_0007" in md and (root / "tpe" / "search.png").exists()
   # Resuming a finished search runs nothing.
   again = experiments.run_sweep(experiments.load_sweep(tmp_path / "tpe.py"), root,
@@ -352,13 +354,14 @@ def test_holdout_is_carved_from_train_for_folder_datasets(tmp_path):
   experiments.apply_overrides(config, overrides)
   source = data.DATASETS.get("folder")(config.data)  # The data layer reads it unchanged.
   assert (source.num_train, source.num_eval, source.class_names) == (12, 3, ["ants", "bees"])
-  # TFDS datasets: split slices; digits: impossible by config fields.
+  # TFDS datasets: split slices; other datasets (digits): data.holdout_fraction.
   config = base_config()
   config.data.name = "cifar10"
   assert experiments.holdout_overrides(config, 0.1, 0, tmp_path / "x")[0] == {
       "data.train_split": "train[:90%]", "data.eval_split": "train[90%:]"}
   config.data.name = "digits"
-  assert experiments.holdout_overrides(config, 0.1, 0, tmp_path / "x")[0] is None
+  assert experiments.holdout_overrides(config, 0.1, 0, tmp_path / "x")[0] == {
+      "data.holdout_fraction": 0.1, "data.holdout_seed": 0}
 
 
 def test_cli_dry_run_on_the_shipped_hymenoptera_sweep(tmp_path):

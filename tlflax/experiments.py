@@ -977,8 +977,8 @@ def holdout_overrides(config, fraction: float, seed: int, out_dir: Path,
 
   Done with the data config fields alone: `folder` and `mask_folder` get a new root of
   symbolic links (stratified by class for `folder`), TFDS datasets get split slices
-  ("train[:80%]" / "train[80%:]"). Returns (None, reason) for datasets where config
-  fields cannot do it (e.g. `digits`, whose split is fixed in the builder).
+  ("train[:80%]" / "train[80%:]"), every other dataset `data.holdout_fraction`
+  (`tlflax.data.holdout`). Returns (None, reason) only for configs without that field.
   """
   data = config.data
   if not 0 < fraction < 1:
@@ -999,6 +999,10 @@ def holdout_overrides(config, fraction: float, seed: int, out_dir: Path,
     keep = round(100 * (1 - fraction))
     return ({"data.train_split": f"{split}[:{keep}%]", "data.eval_split": f"{split}[{keep}%:]"},
             f"TFDS split slices {split}[:{keep}%] (fit) / {split}[{keep}%:] (holdout)")
+  if "holdout_fraction" in data:  # Any other dataset with random access (digits, VOC, COCO).
+    return ({"data.holdout_fraction": fraction, "data.holdout_seed": seed},
+            f"data.holdout_fraction={fraction} (seed {seed}): eval on that part of "
+            f"{data.name}'s train split")
   return None, (f"dataset {data.name!r} cannot be split by config fields (its train/eval "
                 "split is fixed in the builder)")
 

@@ -23,6 +23,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.train_split = "train"
   c.eval_split = config_dict.placeholder(str)
   c.split_seed = 0  # `digits`: seed of the fixed stratified 80/20 split.
+  # > 0: eval on this seeded (class-stratified) fraction of train instead of the eval split,
+  # train on the rest: the selection split of hyperparameter search (`tlflax.data.holdout`).
+  c.holdout_fraction = 0.0
+  c.holdout_seed = 0
 
   # `folder`: <root>/<train_split>/<class>/<image>, same for eval_split.
   c.root = config_dict.placeholder(str)  # Absolute or relative to the cwd.

@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from tlflax.data import cache as cache_lib
+from tlflax.data import holdout
 from tlflax.data import preprocess
 from tlflax.data import preprocess_boxes
 from tlflax.data import preprocess_masks
@@ -269,7 +270,10 @@ def build(config: ml_collections.ConfigDict, batch_size: int = 32,
   config = with_defaults(config)
   if len(mean) != 3 or len(std) != 3:
     raise ValueError(f"mean and std need 3 values (RGB), got {mean}, {std}.")
-  return Pipeline(build_source(config), config, batch_size=batch_size,
+  source = build_source(config)
+  if config.holdout_fraction:
+    source = holdout.carve_holdout(source, config.holdout_fraction, config.holdout_seed)
+  return Pipeline(source, config, batch_size=batch_size,
                   eval_batch_size=eval_batch_size or batch_size, seed=seed,
                   mean=tuple(mean), std=tuple(std),
                   process_index=process_index, process_count=process_count)

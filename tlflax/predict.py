@@ -101,26 +101,20 @@ def classification_input(image: np.ndarray, model: TrainedModel) -> np.ndarray:
 
 
 def segmentation_input(image: np.ndarray, model: TrainedModel) -> np.ndarray:
-  """Whole image resized to image_size x image_size, as the segmentation eval does."""
+  """The segmentation eval's own transform: whole image resized to image_size x image_size."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tlflax.data import preprocess  # pylint: disable=g-import-not-at-top
-  x = preprocess.resize(tf.constant(image), model.image_size, model.image_size).numpy()
-  return ((x / 255.0 - model.mean) / model.std).astype(np.float32)
+  from tlflax.data import preprocess_masks  # pylint: disable=g-import-not-at-top
+  return preprocess_masks.eval_image(tf.constant(image), model.image_size, model.mean,
+                                     model.std).numpy()
 
 
 def detection_input(image: np.ndarray, model: TrainedModel):
-  """Longer side resized to image_size (aspect kept), padded bottom/right; and the scale."""
+  """The detection eval's own transform (longer side to image_size, padded) and its scale."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tlflax.data import preprocess  # pylint: disable=g-import-not-at-top
-  size = model.image_size
-  height, width = image.shape[:2]
-  scale = size / max(height, width)
-  new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-  x = preprocess.resize(tf.constant(image), new_h, new_w).numpy()
-  x = (x / 255.0 - model.mean) / model.std
-  padded = np.zeros((size, size, 3), np.float32)
-  padded[:new_h, :new_w] = x
-  return padded, scale
+  from tlflax.data import preprocess_boxes  # pylint: disable=g-import-not-at-top
+  x, scale = preprocess_boxes.fit_image(tf.constant(image), model.image_size, model.mean,
+                                        model.std)
+  return x.numpy(), float(scale)
 
 
 def batches(paths: Sequence[Path], prepare, batch_size: int
@@ -265,7 +259,7 @@ def predict_detection(model: TrainedModel, paths, out: Path, batch_size: int, dr
         results[str(path)] = {"error": error}
         rows.append([str(path), error])
       else:
-        scale = model.image_size / max(image.shape[:2])
+        scale = model.image_size / max(image.shape[:2])  # = preprocess_boxes.fit_scale.
         keep = found["valid"][row_index]
         boxes = clip_boxes(found["boxes"][row_index][keep] / scale, image.shape[:2])
         detections = [{"box": [round(float(v), 2) for v in box],

@@ -95,6 +95,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.crop_ratio = (3 / 4, 4 / 3)  # Aspect-ratio range of random_resized_crop.
   c.flip = True  # Random horizontal flip (train only; image and mask alike).
   c.eval_crop = "center_crop"  # Or "resize".
+  # Classification-only augmentations after crop and flip (train only; off by
+  # default; see tlflax.data.augment). Order: rotation, RandAugment, jitter.
+  c.rotation = 0.0  # Max degrees of a uniform random rotation; 0 = off.
+  # torchvision ColorJitter (brightness, contrast, saturation, hue): factors
+  # uniform in [max(0, 1 - x), 1 + x], hue shift in [-x, x] turns (x <= 0.5).
+  c.color_jitter = (0.0, 0.0, 0.0, 0.0)
+  c.color_jitter_random_order = True  # False: b, c, s, h in that order.
+  # RandAugment (Cubuk et al. 2020): this many ops per image out of 14, each
+  # at randaugment_magnitude in [0, 10] (10: 30 degrees rotation, ...).
+  c.randaugment_layers = 0  # 0 = off; 2 is the usual choice.
+  c.randaugment_magnitude = 9.0
 
   # Keep decoded images in memory. None: only sources already in memory
   # (`digits`), i.e. off for folders and TFDS.

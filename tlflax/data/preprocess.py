@@ -7,12 +7,18 @@ bilinear with antialiasing, which only changes anything when shrinking.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, List, Sequence
 
 import ml_collections
 import tensorflow as tf
 
+from tlflax.data import augment
+
 TRAIN_CROPS = ("random_resized_crop", "resize")
+# Seed purposes of the augmentations after crop and flip (folded into the
+# example's seed; crop and flip keep their split, so with every augmentation
+# off the images are those of before augmentations existed).
+_ROTATION, _RANDAUGMENT, _COLOR_JITTER = 1, 2, 3
 EVAL_CROPS = ("center_crop", "resize")
 CENTER_CROP_FRACTION = 0.875  # 224 of 256, the usual ImageNet eval ratio.
 
@@ -86,11 +92,57 @@ def _check_option(name: str, value: str, options: Sequence[str]) -> None:
     raise ValueError(f"config.{name}={value!r} is not one of {list(options)}.")
 
 
+def _check_augment(config: ml_collections.ConfigDict) -> None:
+  """Errors that name the field and its valid range."""
+  if not 0 <= config.rotation <= 180:
+    raise ValueError(f"config.rotation={config.rotation} must be in [0, 180] "
+                     "(max degrees of the random rotation; 0 = off).")
+  jitter = tuple(config.color_jitter)
+  if len(jitter) != 4 or min(jitter) < 0:
+    raise ValueError(f"config.color_jitter={jitter} must be 4 numbers >= 0: "
+                     "(brightness, contrast, saturation, hue); 0 = off.")
+  if jitter[3] > 0.5:
+    raise ValueError(f"config.color_jitter hue={jitter[3]} must be <= 0.5 "
+                     "(a hue shift of half a turn either way).")
+  if config.randaugment_layers < 0:
+    raise ValueError(f"config.randaugment_layers={config.randaugment_layers}"
+                     " must be >= 0 (ops per image; 0 = off).")
+  if not 0 <= config.randaugment_magnitude <= augment.MAX_MAGNITUDE:
+    raise ValueError(f"config.randaugment_magnitude="
+                     f"{config.randaugment_magnitude} must be in [0, 10].")
+
+
+def augmentations(config: ml_collections.ConfigDict, mean
+                  ) -> List[Callable[[tf.Tensor, tf.Tensor], tf.Tensor]]:
+  """The enabled ops after the crop and flip, in order: rotation (geometry
+  first, so RandAugment's colour ops see the final pixels), RandAugment, then
+  colour jitter (as timm orders its auto-augment and jitter). Off ops are
+  not in the list, so they add nothing to the graph. Geometric ops fill with
+  the normalisation mean, which normalises to 0 (as zero padding would)."""
+  _check_augment(config)
+  fill = tuple(255.0 * float(m) for m in mean)
+  fold = tf.random.experimental.stateless_fold_in
+  ops = []
+  if config.rotation:
+    ops.append(lambda image, seed: augment.random_rotation(
+        image, fold(seed, _ROTATION), float(config.rotation), fill))
+  if config.randaugment_layers:
+    ops.append(lambda image, seed: augment.randaugment(
+        image, fold(seed, _RANDAUGMENT), int(config.randaugment_layers),
+        float(config.randaugment_magnitude), fill))
+  if any(config.color_jitter):
+    ops.append(lambda image, seed: augment.color_jitter(
+        image, fold(seed, _COLOR_JITTER), tuple(config.color_jitter),
+        bool(config.color_jitter_random_order)))
+  return ops
+
+
 def train_transform(config: ml_collections.ConfigDict, mean, std
                     ) -> Callable[[dict, tf.Tensor], dict]:
   """(example, seed [2]) -> {"image": float32 [S, S, 3], "label": int32}."""
   _check_option("train_crop", config.train_crop, TRAIN_CROPS)
   size = config.image_size
+  ops = augmentations(config, mean)
 
   def transform(example, seed):
     crop_seed, flip_seed = tf.unstack(
@@ -103,6 +155,8 @@ def train_transform(config: ml_collections.ConfigDict, mean, std
       image = tf.ensure_shape(resize(image, size, size), [size, size, 3])
     if config.flip:
       image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    for op in ops:
+      image = op(image, seed)
     return {"image": normalize(image, mean, std),
             "label": tf.cast(example["label"], tf.int32)}
 

@@ -10,6 +10,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from tlflax import data
+from tlflax import mixup
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -46,6 +47,17 @@ def optim_config() -> ml_collections.ConfigDict:
   # (regex over parameter paths, lr multiplier or "frozen"); full match, first wins,
   # every parameter must be covered.
   c.rules = [(".*", 1.0)]
+  # Stage strategies (`tlflax.strategies`, from the architecture's named stages); they
+  # generate the rules, so leave `rules` at its default when using them.
+  c.train_last_stages = config_dict.placeholder(int)  # Head + last N stages train; 0 = linear.
+  c.layer_decay = config_dict.placeholder(float)  # Stage at depth d (0 = top): lr x decay^(d+1).
+  # Gradual unfreezing, one compiled step: ((regex, first step or fraction of the run), ...);
+  # first full match wins, unmatched parameters train from step 0.
+  c.unfreeze = ()
+  c.unfreeze_every = config_dict.placeholder(float)  # Or: one more stage (top first) every N
+  c.unfreeze_start_trainable = 0  # steps (< 1: fraction); stages training from step 0.
+  c.l1 = 0.0  # Penalties on kernels added to the gradient: l1 * sign(w), l2 * w.
+  c.l2 = 0.0
   return c
 
 
@@ -94,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 10.0
   c.total_steps = config_dict.placeholder(int)  # Overrides num_epochs when set.
   c.label_smoothing = 0.0
+  c.mixup = mixup.default_config()  # Mixup / CutMix on device (classification).
   c.log_every_steps = 20
   c.eval_every_steps = config_dict.placeholder(int)  # None: once per epoch.
   c.checkpoint_every_steps = config_dict.placeholder(int)  # None: at every eval.

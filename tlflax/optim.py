@@ -7,17 +7,27 @@ every parameter must be covered (end with `(".*", 1.0)` for a catch-all).
 `value` is a learning-rate multiplier, or `"frozen"` (also `0`): frozen
 parameters go to `optax.set_to_zero()` inside `optax.partition`, so they carry
 no optimizer state, and the train step never differentiates them.
+
+Stage-based strategies (`train_last_stages`, `layer_decay`, `unfreeze_every`;
+see `tlflax.strategies`) are turned into the same rules. Gradual unfreezing
+keeps one compiled train step: a parameter whose first step is s > 0 has
+optimizer state from the start, but its group is wrapped in `gated(...)`,
+which passes zero updates and holds its state (Adam's moments and count,
+the schedule's count) until the global step reaches s.
 """
 from __future__ import annotations
 
 import collections
 import logging
 import re
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
+
+from tlflax import strategies
 
 log = logging.getLogger(__name__)
 FROZEN = "frozen"
@@ -60,14 +70,80 @@ def assign(paths: Sequence[str], rules: Sequence[Tuple[str, Any]]) -> Dict[str, 
   return result
 
 
-def group_label(value) -> str:
-  return FROZEN if value == FROZEN else f"lr_x{value:g}"
+def group_label(value, start: int = 0) -> str:
+  """`frozen`, `lr_x0.1`, or `lr_x0.1_from120` (unfrozen at step 120)."""
+  if value == FROZEN:
+    return FROZEN
+  text = f"{value:g}" if float(f"{value:g}") == value else repr(value)  # Exact multipliers.
+  return f"lr_x{text}" + (f"_from{start}" if start else "")
 
 
-def labels_tree(params, rules) -> Any:
-  """The label pytree for `optax.partition` (same structure as `params`)."""
-  values = assign(parameter_paths(params), rules)
-  return jax.tree_util.tree_map_with_path(lambda kp, _: group_label(values[path_of(kp)]), params)
+def parse_label(label: str) -> Tuple[float, int]:
+  """(lr multiplier, first step) of a non-frozen group label."""
+  mult, _, start = label[len("lr_x"):].partition("_from")
+  return float(mult), int(start or 0)
+
+
+def first_steps(paths: Sequence[str], unfreeze: Sequence[Tuple[str, Any]],
+                total_steps: int) -> Dict[str, int]:
+  """Step at which each parameter starts training: first full match in `unfreeze`, else 0.
+
+  A value < 1 is a fraction of `total_steps`.
+  """
+  compiled = [(re.compile(r), v) for r, v in unfreeze]
+  starts = {}
+  for path in paths:
+    value = next((v for pattern, v in compiled if pattern.fullmatch(path)), 0)
+    if value < 0:
+      raise ValueError(f"optim.unfreeze gives {path} the first step {value}; use >= 0.")
+    starts[path] = int(round(value * total_steps)) if 0 < value < 1 else int(value)
+  return starts
+
+
+def effective_rules(cfg: ml_collections.ConfigDict, model_name: str = None) -> List[Tuple]:
+  """`cfg.rules`, or the rules of a stage strategy (`train_last_stages`, `layer_decay`)."""
+  last, decay = cfg.get("train_last_stages"), cfg.get("layer_decay")
+  if last is None and decay is None:
+    return list(cfg.rules)
+  if [tuple(r) for r in cfg.rules] != [(".*", 1.0)]:
+    raise ValueError("optim.train_last_stages / optim.layer_decay generate optim.rules; leave "
+                     "optim.rules at its default [('.*', 1.0)] or write the rules by hand "
+                     "(tlflax.strategies.stage_rules prints a starting point).")
+  if model_name is None:
+    raise ValueError("Stage strategies need the model name (optim.make(..., model_name=)).")
+  return strategies.stage_rules(model_name, train_last=last, layer_decay=decay)
+
+
+def effective_unfreeze(cfg, model_name: str, total_steps: int) -> List[Tuple[str, Any]]:
+  """`cfg.unfreeze`, or the per-stage schedule of `cfg.unfreeze_every`."""
+  every = cfg.get("unfreeze_every")
+  if every is None:
+    return list(cfg.get("unfreeze", ()))
+  if cfg.get("unfreeze") or cfg.get("train_last_stages") is not None:
+    raise ValueError("optim.unfreeze_every builds the schedule itself: leave optim.unfreeze "
+                     "empty and optim.train_last_stages None (use "
+                     "optim.unfreeze_start_trainable for stages that train from step 0).")
+  return strategies.unfreeze_schedule(model_name, every, total_steps,
+                                      cfg.get("unfreeze_start_trainable", 0))
+
+
+def labels_tree(params, rules, unfreeze=(), total_steps: int = 1) -> Any:
+  """The label pytree for `optax.partition` (same structure as `params`).
+
+  Parameters that `unfreeze` starts at or after `total_steps` never train in
+  this run, so they are labelled frozen (no optimizer state).
+  """
+  paths = parameter_paths(params)
+  values = assign(paths, rules)
+  starts = first_steps(paths, unfreeze, total_steps)
+  late = [p for p in paths if starts[p] and values[p] == FROZEN]
+  if late:
+    raise ValueError(f"optim.unfreeze schedules {late[:3]} (and {len(late)} in all) but "
+                     "optim.rules freezes them; give them a learning-rate multiplier.")
+  def label(kp, _):
+    path = path_of(kp)
+    return group_label(FROZEN if starts[path] >= total_steps else values[path], starts[path])
+  return jax.tree_util.tree_map_with_path(label, params)
 
 
 def trainable_mask(labels) -> Any:
@@ -110,7 +186,35 @@ def decay_mask(params) -> Any:
   return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
 
 
+def add_l1(coefficient: float, mask) -> optax.GradientTransformation:
+  """Adds `coefficient * sign(w)` to the gradient: the subgradient of an L1 penalty."""
+  def update(updates, state, params):
+    return jax.tree_util.tree_map(lambda g, p: g + coefficient * jnp.sign(p), updates,
+                                  params), state
+  return optax.masked(optax.GradientTransformation(lambda _: optax.EmptyState(), update), mask)
+
+
+def penalties(cfg) -> List[optax.GradientTransformation]:
+  """L1 / L2 penalties on kernels (decay mask), added to the gradient before any optimizer.
+
+  `l2` is the gradient of `l2/2 * ||w||^2`: for sgd/momentum/adam it is the same
+  as `weight_decay`; for adamw it is the coupled penalty beside the decoupled decay.
+  """
+  out = []
+  if cfg.get("l1", 0.0):
+    out.append(add_l1(cfg.l1, decay_mask))
+  if cfg.get("l2", 0.0):
+    out.append(optax.add_decayed_weights(cfg.l2, mask=decay_mask))
+  return out
+
+
 def base_optimizer(cfg, learning_rate) -> optax.GradientTransformation:
+  extra = penalties(cfg)
+  tx = _optimizer(cfg, learning_rate)
+  return optax.chain(*extra, tx) if extra else tx
+
+
+def _optimizer(cfg, learning_rate) -> optax.GradientTransformation:
   name = cfg.name
   wd = cfg.get("weight_decay", 0.0)
   if name in ("sgd", "momentum", "nesterov"):
@@ -133,17 +237,54 @@ def base_optimizer(cfg, learning_rate) -> optax.GradientTransformation:
   return tx
 
 
-def make(cfg: ml_collections.ConfigDict, params, total_steps: int):
-  """Returns (optax transformation, label tree, base schedule) for `params`."""
-  labels = labels_tree(params, cfg.rules)
+def labels_for(cfg: ml_collections.ConfigDict, params, total_steps: int,
+               model_name: str = None) -> Any:
+  """The group labels of `cfg` (rules or stage strategy, plus any unfreeze schedule)."""
+  return labels_tree(params, effective_rules(cfg, model_name),
+                     effective_unfreeze(cfg, model_name, total_steps), total_steps)
+
+
+class GatedState(NamedTuple):
+  step: jnp.ndarray
+  inner: Any
+
+
+def gated(inner: optax.GradientTransformation, start: int) -> optax.GradientTransformation:
+  """`inner` from global step `start` on; before that zero updates and `inner`'s state held.
+
+  Holding the state keeps Adam's bias correction and the schedule's count
+  exact from the step the group unfreezes; one compiled step serves the run.
+  """
+  def init(params):
+    return GatedState(jnp.zeros((), jnp.int32), inner.init(params))
+
+  def update(updates, state, params=None):
+    active = state.step >= start
+    new_updates, new_inner = inner.update(updates, state.inner, params)
+    pick = lambda new, old: jnp.where(active, new, old)
+    return (jax.tree_util.tree_map(lambda u: jnp.where(active, u, jnp.zeros_like(u)), new_updates),
+            GatedState(state.step + 1, jax.tree_util.tree_map(pick, new_inner, state.inner)))
+  return optax.GradientTransformation(init, update)
+
+
+def group_transform(cfg, label: str, schedule) -> optax.GradientTransformation:
+  if label == FROZEN:
+    return optax.set_to_zero()
+  mult, start = parse_label(label)
+  tx = base_optimizer(cfg, lambda count: schedule(count + start) * mult)
+  return gated(tx, start) if start else tx
+
+
+def make(cfg: ml_collections.ConfigDict, params, total_steps: int, model_name: str = None):
+  """Returns (optax transformation, label tree, base schedule) for `params`.
+
+  `model_name` is needed only by the stage strategies (their rules come from
+  the architecture's named stages).
+  """
+  labels = labels_for(cfg, params, total_steps, model_name)
   schedule = make_schedule(cfg, total_steps)
-  transforms = {}
-  for label in set(jax.tree_util.tree_leaves(labels)):
-    if label == FROZEN:
-      transforms[label] = optax.set_to_zero()
-    else:
-      mult = float(label[len("lr_x"):])
-      transforms[label] = base_optimizer(cfg, lambda step, m=mult: schedule(step) * m)
+  transforms = {label: group_transform(cfg, label, schedule)
+                for label in set(jax.tree_util.tree_leaves(labels))}
   tx = optax.partition(transforms, labels)
   if cfg.get("grad_clip_norm"):
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)

@@ -38,7 +38,9 @@ class TrainedModel:
   def __init__(self, workdir: str):
     import jax  # pylint: disable=g-import-not-at-top
     import ml_collections  # pylint: disable=g-import-not-at-top
-    from tlflax import checkpoint, optim, steps, train  # pylint: disable=g-import-not-at-top
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    from tlflax import checkpoint, train  # pylint: disable=g-import-not-at-top
+    from tlflax.pretrained import load  # pylint: disable=g-import-not-at-top
     workdir = Path(workdir)
     for name in ("config.json", "run_info.json"):
       if not (workdir / name).is_file():
@@ -53,11 +55,14 @@ class TrainedModel:
     ckpt = checkpoint.Checkpointer(workdir)
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"No checkpoint under {ckpt.directory}: the run saved none yet.")
-    tx, _, _ = optim.make(self.config.optim, variables["params"], total_steps=1)
-    state = ckpt.restore(steps.create_state(variables, tx))
+    # As saved, without an optimizer template: the optimizer state's structure depends on
+    # the run's length (gradual unfreezing) and is not needed to predict.
+    saved = ckpt.manager.restore(ckpt.latest_step(), args=ocp.args.StandardRestore())
     ckpt.close()
-    self.step = int(state.step)
-    self.variables = {"params": state.params, **state.model_state}
+    self.step = int(saved["step"])
+    # Strict: every variable of the model from the checkpoint, same shapes, nothing extra.
+    self.variables, _ = load.merge(variables, load.flatten(
+        {"params": saved["params"], **saved["model_state"]}), reinit=r"(?!)")
     self.module = module
     self.apply = jax.jit(lambda v, x: module.apply(v, x, train=False))
     pp = self.info["preprocessing"]

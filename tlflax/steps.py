@@ -7,7 +7,7 @@ identical; `p + 0` would turn -0.0 into 0.0).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import flax
 import flax.linen as nn
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tlflax import mixup as mixup_lib
 from tlflax.optim import FROZEN
 from tlflax.tasks import Task
 from tlflax.tasks import classification
@@ -45,18 +46,22 @@ def _split(params, labels):
 
 def make_train_step(module: nn.Module, tx: optax.GradientTransformation, labels: Any,
                     label_smoothing: float = 0.0, seed: int = 0,
-                    task: Optional[Task] = None) -> Callable:
+                    task: Optional[Task] = None, mixup: Optional[Mapping] = None) -> Callable:
   """(state, batch) -> (state, metric sums); `labels` is the static group-label tree.
 
   `task` supplies the loss and metric sums (default: classification with
-  `label_smoothing`).
+  `label_smoothing`). `mixup` (`tlflax.mixup.default_config()` fields) mixes
+  each batch on device before the forward pass.
   """
   task = task or classification.make_task(label_smoothing)
   base_rng = jax.random.key(seed)
+  mixing = dict(mixup) if mixup_lib.enabled(mixup) else None
 
   def train_step(state: TrainState, batch):
     trainable, frozen = _split(state.params, labels)
     rng = jax.random.fold_in(base_rng, state.step)  # Dropout: same on resume.
+    if mixing:
+      batch = mixup_lib.mix_batch(batch, jax.random.fold_in(rng, 1), mixing)
 
     def loss_of(trainable_flat):
       params = flax.traverse_util.unflatten_dict({**frozen, **trainable_flat})

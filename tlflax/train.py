@@ -18,6 +18,7 @@ import ml_collections
 from clu import metric_writers
 
 from tlflax import checkpoint, data, models, optim, reporting, sharding, steps, tasks
+from tlflax import mixup as mixup_lib
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -70,11 +71,11 @@ def create_module(config, num_classes: int):
                              **kwargs)
 
 
-def build_model(config, num_classes: int):
+def build_model(config, num_classes: int, num_steps: int = 1):
   """Module + variables, then the optimizer and labels; BN freezing needs the labels."""
   mcfg = config.model
   module, variables = create_module(config, num_classes)
-  labels = optim.labels_tree(variables["params"], config.optim.rules)
+  labels = optim.labels_for(config.optim, variables["params"], num_steps, mcfg.name)
   patterns = frozen_bn_patterns(mcfg.get("bn_mode", "train"), labels)
   if patterns:
     module = module.clone(backbone=module.backbone.clone(frozen_bn=patterns))
@@ -141,8 +142,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                     seed=config.seed, mean=pp["mean"], std=pp["std"],
                     process_index=jax.process_index(), process_count=jax.process_count())
   num_steps = total_steps(config, pipe.steps_per_epoch)
-  module, variables = build_model(config, len(pipe.class_names))
-  tx, labels, schedule = optim.make(config.optim, variables["params"], num_steps)
+  module, variables = build_model(config, len(pipe.class_names), num_steps)
+  tx, labels, schedule = optim.make(config.optim, variables["params"], num_steps,
+                                    model_name=config.model.name)
   state = sharding.replicate(steps.create_state(variables, tx), mesh)
   ckpt = checkpoint.Checkpointer(workdir, config.get("keep_checkpoints", 2))
   start = ckpt.latest_step() or 0
@@ -152,7 +154,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     write_run_info(workdir, config, pipe, pp)
   batch_sharding = sharding.batch_sharding(mesh)
   task = tasks.make(config, module=module, pipe=pipe)
-  train_step = jax.jit(steps.make_train_step(module, tx, labels, seed=config.seed, task=task),
+  mixup_lib.check(config.get("mixup", {}), config.get("task", "classification"))
+  train_step = jax.jit(steps.make_train_step(module, tx, labels, seed=config.seed, task=task,
+                                             mixup=config.get("mixup")),
                        donate_argnums=0)
   eval_step = jax.jit(steps.make_eval_step(module, task))
   writer = metric_writers.create_default_writer(str(workdir), just_logging=jax.process_index() > 0)

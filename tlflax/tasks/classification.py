@@ -25,6 +25,15 @@ def loss_fn(logits, labels, label_smoothing: float = 0.0):
   return optax.softmax_cross_entropy(logits, targets).mean()
 
 
+def batch_loss(logits, batch, label_smoothing: float = 0.0):
+  """`loss_fn`, or for a mixup/cutmix batch `lam * CE(label) + (1 - lam) * CE(mix_label)`."""
+  loss = loss_fn(logits, batch["label"], label_smoothing)
+  if "mix_lam" not in batch:
+    return loss
+  lam = batch["mix_lam"]
+  return lam * loss + (1.0 - lam) * loss_fn(logits, batch["mix_label"], label_smoothing)
+
+
 def train_metrics(logits, labels) -> Dict[str, jnp.ndarray]:
   """Sums for the training log: accuracy counts (loss is added by the step)."""
   return {"correct": jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
@@ -75,7 +84,7 @@ def make_task(label_smoothing: float = 0.0) -> Task:
   """Classification with softmax cross-entropy (optionally label-smoothed)."""
   return Task(
       name="classification",
-      loss=lambda logits, batch: loss_fn(logits, batch["label"], label_smoothing),
+      loss=lambda logits, batch: batch_loss(logits, batch, label_smoothing),
       train_sums=lambda logits, batch: train_metrics(logits, batch["label"]),
       train_scalars=train_scalars,
       eval_sums=lambda logits, batch: eval_sums(logits, batch["label"], batch["mask"]),

@@ -9,6 +9,10 @@ placeholder is skipped, val 153). Strategies (the config argument):
   linear (default)       only the new head trains (fixed feature extractor)
   last_stages            stages 4-5 (features_7-18) + new head train, the rest frozen
   full                   everything trains (slow on CPU: depthwise backward)
+  gradual                gradual unfreezing: the head from step 0, then one more stage
+                         (stage5 first, down to the stem) every 2 epochs (30 steps), with
+                         BatchNorm statistics frozen throughout; one compiled step
+  llrd                   full fine-tuning with layer-wise lr decay 0.6 per stage
 
 Reference (torchvision, same MobileNetV2 weights, tutorial recipe, 15 epochs, this
 machine): 0.954 full fine-tune, 0.961 fixed features (final epoch).
@@ -24,6 +28,8 @@ RULES = {
     "last_stages": [(r"head/.*", 1.0), (r"backbone/features_([7-9]|1[0-8])/.*", 1.0),
                     (r"backbone/.*", "frozen")],
     "full": [(r".*", 1.0)],
+    "gradual": [(r".*", 1.0)],  # + optim.unfreeze_every below.
+    "llrd": [(r".*", 1.0)],  # + optim.layer_decay below.
 }
 
 
@@ -50,5 +56,10 @@ def get_config(arg=None):
   c.optim.warmup_steps = 15
   c.optim.weight_decay = 1e-4
   c.optim.rules = RULES[strategy]
+  if strategy == "gradual":
+    c.optim.unfreeze_every = 30  # Steps: 2 epochs of 15 steps; the stem unfreezes at 180/225.
+    c.model.bn_mode = "frozen"  # Running statistics: stable features while the head settles.
+  if strategy == "llrd":
+    c.optim.layer_decay = 0.6
   c.log_every_steps = 5
   return c

@@ -14,7 +14,9 @@ import tensorflow as tf
 
 from tlflax.data import augment
 
-TRAIN_CROPS = ("random_resized_crop", "resize")
+# resize_random_crop: BiT's recipe, a square resize to resize_size, then a random
+# image_size x image_size window (data.resize_size must be set, >= image_size).
+TRAIN_CROPS = ("random_resized_crop", "resize", "resize_random_crop")
 # Seed purposes of the augmentations after crop and flip (folded into the
 # example's seed; crop and flip keep their split, so with every augmentation
 # off the images are those of before augmentations existed).
@@ -143,6 +145,11 @@ def train_transform(config: ml_collections.ConfigDict, mean, std
   _check_option("train_crop", config.train_crop, TRAIN_CROPS)
   size = config.image_size
   ops = augmentations(config, mean)
+  precrop = config.get("resize_size")
+  if config.train_crop == "resize_random_crop" and (precrop is None or precrop < size):
+    raise ValueError(f"data.train_crop='resize_random_crop' needs data.resize_size >= "
+                     f"data.image_size={size} (the square resize before the crop); got "
+                     f"{precrop}.")
 
   def transform(example, seed):
     crop_seed, flip_seed = tf.unstack(
@@ -151,6 +158,9 @@ def train_transform(config: ml_collections.ConfigDict, mean, std
     if config.train_crop == "random_resized_crop":
       image = random_resized_crop(image, crop_seed, size, config.crop_scale,
                                   config.crop_ratio)
+    elif config.train_crop == "resize_random_crop":
+      image = tf.image.stateless_random_crop(
+          resize(image, precrop, precrop), [size, size, 3], crop_seed)
     else:
       image = tf.ensure_shape(resize(image, size, size), [size, size, 3])
     if config.flip:

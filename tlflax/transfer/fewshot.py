@@ -37,7 +37,7 @@ DEFAULT_L2_REG = 1.0
 # ---------------------------------------------------------------------------
 # Features.
 
-def _pooled(module, x):
+def pooled_features(module, x):
   """The vector the classifier head reads; a plain global mean for other models."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   features = module.backbone(x, False)["stride_32"]
@@ -53,7 +53,7 @@ def feature_function(module) -> Callable:
   if not hasattr(module, "backbone"):
     raise ValueError(f"{type(module).__name__} has no `backbone` field: few-shot features need "
                      "a tlflax model (ImageClassifier, SegmentationModel, DetectionModel).")
-  return jax.jit(lambda variables, x: module.apply(variables, x, method=_pooled))
+  return jax.jit(lambda variables, x: module.apply(variables, x, method=pooled_features))
 
 
 def split_labels(pipe, split: str) -> np.ndarray:

@@ -12,7 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # Hide TensorFlow's INFO ban
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tlflax import xla_env
+from tlflax import distributed, xla_env
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -33,6 +33,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.info("XLA_FLAGS=%s", xla_env.configure())  # Before JAX creates its backend.
+  distributed.initialize(_CONFIG.value.get("distributed"))  # Also before the backend.
   from tlflax import train  # pylint: disable=g-import-not-at-top
   train.run(_CONFIG.value, _WORKDIR.value)
 

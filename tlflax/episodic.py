@@ -1,4 +1,4 @@
-"""`python -m tlflax.episodic --config configs/X.py --out OUTDIR`: meta-transfer on base/novel classes.
+"""`python -m tlflax.episodic --config configs/X.py --out OUTDIR`: meta-transfer, base/novel.
 
 1. Splits the dataset's classes into disjoint base and novel sets
    (`config.episodic.base_classes` / `novel_classes`; `transfer.episodic`).
@@ -27,8 +27,8 @@ from typing import Any, Dict, List
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
-HEADER = ["features", "classes", "classifier", "way", "shot", "query", "episodes", "accuracy", "ci95",
-          "seconds"]
+HEADER = ["features", "classes", "classifier", "way", "shot", "query", "episodes", "accuracy",
+          "ci95", "seconds"]
 
 
 def settings(config):

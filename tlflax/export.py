@@ -140,8 +140,9 @@ def load_exported(path: str):
 def jax2tf_status() -> Optional[str]:
   """None if `jax.experimental.jax2tf` and TensorFlow import, else the reason they don't."""
   try:
-    from jax.experimental import jax2tf  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    import importlib  # pylint: disable=g-import-not-at-top
+    importlib.import_module("jax.experimental.jax2tf")
+    importlib.import_module("tensorflow")
   except Exception as e:  # pylint: disable=broad-except  Any import failure means: not available.
     return f"{type(e).__name__}: {e}"
   return None

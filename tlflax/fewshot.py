@@ -122,7 +122,7 @@ def main(argv=None) -> None:
 def check_overrides(argv) -> None:
   """Exits with close matches on `--config.x.y=...` naming no field (as `tlflax.main` does;
   importing `tlflax.main` would define its flags twice)."""
-  from tlflax.config import check_field_path, load_config_file  # pylint: disable=g-import-not-at-top
+  from tlflax.config import check_field_path, load_config_file
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if spec is None and "--config" in argv[:-1]:
     spec = argv[argv.index("--config") + 1]

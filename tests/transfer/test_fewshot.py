@@ -1,4 +1,6 @@
 """Few-shot ridge evaluation: seeded class-balanced draws, ridge against lstsq, features."""
+import json
+
 import ml_collections
 import numpy as np
 import optax
@@ -88,17 +90,26 @@ def tiny_config():
   c.data.image_size = 32
   c.data.eval_crop = "resize"
   c.eval_batch_size = 128
-  c.fewshot = ml_collections.ConfigDict({"shots": (1, 3), "draws": 2, "l2_reg": 1.0})
+  c.fewshot = ml_collections.ConfigDict({"every_steps": 4, "shots": (1, 3), "draws": 2,
+                                         "l2_reg": 1.0})
   return c
 
 
-def test_evaluator_features_are_what_the_head_reads():
+class RecordingWriter:
+  def __init__(self):
+    self.written = []
+
+  def write_scalars(self, step, scalars):
+    self.written.append((step, scalars))
+
+
+def test_evaluator_features_are_what_the_head_reads(tmp_path):
   config = tiny_config()
   pp = train.preprocessing(config)
   pipe = data.build(config.data, batch_size=16, eval_batch_size=128, seed=0, mean=pp["mean"],
                     std=pp["std"])
   module, variables = train.create_module(config, 10)
-  evaluator = fewshot.FewShotEvaluator(config, module, pipe)
+  evaluator = fewshot.maybe_evaluator(config, module, pipe)
   assert len(evaluator.fewshot.needed) <= 10 * (1 + 3) * 2
   state = steps.create_state(variables, optax.identity())
   scalars = evaluator(state)
@@ -117,6 +128,15 @@ def test_evaluator_features_are_what_the_head_reads():
   for key, value in again.items():
     assert scalars[key] == pytest.approx(value, abs=1e-12)  # Seeded: the same draws again.
   assert 0.1 <= scalars["fewshot/1shot"] <= 1.0
+  # In the training loop: only every `every_steps` steps, to TensorBoard and fewshot.jsonl.
+  writer = RecordingWriter()
+  assert evaluator.at_step(3, state, writer, tmp_path) is None and not writer.written
+  at_4 = evaluator.at_step(4, state, writer, tmp_path)
+  assert writer.written == [(4, at_4)] and at_4["fewshot/3shot"] == scalars["fewshot/3shot"]
+  line = json.loads((tmp_path / "fewshot.jsonl").read_text())
+  assert line["step"] == 4 and line["fewshot/1shot"] == scalars["fewshot/1shot"]
+  config.fewshot.every_steps = 0
+  assert fewshot.maybe_evaluator(config, module, pipe) is None  # Off by default.
 
 
 def test_non_classification_datasets_fail_clearly():

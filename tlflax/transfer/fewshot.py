@@ -21,7 +21,9 @@ Used by the command `python -m tlflax.fewshot` and, during training, by
 """
 from __future__ import annotations
 
+import logging
 import time
+from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
@@ -240,8 +242,8 @@ class FewShot:
 class FewShotEvaluator:
   """Periodic few-shot evaluation during training: `evaluator(state)` -> scalars.
 
-  Reads `config.fewshot` (shots, draws, l2_reg, seed, batch_size) where present,
-  else the defaults. `module` is the training module (its `backbone` and
+  Reads `config.fewshot` (every_steps, shots, draws, l2_reg, seed, batch_size)
+  where present, else the defaults. `module` is the training module (its `backbone` and
   `pre_logits` give the features); `pipe` the training pipeline, whose train
   split is the support pool and whose eval split is scored.
   """
@@ -261,9 +263,34 @@ class FewShotEvaluator:
                            batch_size=field("batch_size", config.get("eval_batch_size", 64)))
     self.features_fn = feature_function(module)
 
+    self.every_steps = int(field("every_steps", 0))
+
   def __call__(self, state) -> Dict[str, float]:
     variables = {"params": state.params, **state.model_state}
     t0 = time.time()
     scalars = summary_scalars(self.fewshot.measure(self.features_fn, variables))
     scalars["fewshot/seconds"] = time.time() - t0
     return scalars
+
+  def at_step(self, step: int, state, writer, workdir) -> Optional[Dict[str, float]]:
+    """Every `config.fewshot.every_steps` steps: evaluate, write the scalars to `writer`
+    (TensorBoard) and a line to `workdir/fewshot.jsonl`; other steps do nothing."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from tlflax import reporting  # pylint: disable=g-import-not-at-top
+    if not self.every_steps or step % self.every_steps:
+      return None
+    scalars = self(state)
+    writer.write_scalars(step, scalars)
+    if jax.process_index() == 0:
+      reporting.append_jsonl(Path(workdir) / "fewshot.jsonl", {"step": step, **scalars})
+    logging.getLogger(__name__).info("few-shot at step %d: %s", step, ", ".join(
+        f"{k}={v:.4f}" for k, v in scalars.items() if not k.endswith(("_std", "seconds"))))
+    return scalars
+
+
+def maybe_evaluator(config, module, pipe, mean=None, std=None) -> Optional[FewShotEvaluator]:
+  """A FewShotEvaluator when `config.fewshot.every_steps` > 0, else None (the default: off)."""
+  cfg = config.get("fewshot")
+  if cfg is None or not cfg.get("every_steps"):
+    return None
+  return FewShotEvaluator(config, module, pipe, mean, std)

@@ -11,8 +11,9 @@ every host sees).
 
 Where each setting comes from, first found wins:
   1. `config.distributed.<field>` (`--config.distributed.coordinator_address=...`),
-  2. `TLFLAX_COORDINATOR_ADDRESS`, `TLFLAX_NUM_PROCESSES`, `TLFLAX_PROCESS_ID`,
-     `TLFLAX_LOCAL_DEVICE_IDS` (comma-separated),
+  2. `TLFLAX_COORDINATOR_ADDRESS` (or JAX's `JAX_COORDINATOR_ADDRESS`),
+     `TLFLAX_NUM_PROCESSES`, `TLFLAX_PROCESS_ID`, `TLFLAX_LOCAL_DEVICE_IDS`
+     (comma-separated),
   3. JAX's own detection of SLURM (`srun`), Open MPI (`mpirun`) and Cloud TPU
      pods, which fills whatever is still unset.
 
@@ -87,8 +88,9 @@ def settings(config: Optional[ml_collections.ConfigDict],
          for k, v in ENV.items()}
   where = {k: f"config.distributed.{k}" if config.get(k) is not None else v
            for k, v in ENV.items()}
-  return {"mode": mode,
-          "coordinator_address": raw["coordinator_address"] or None,
+  return {"mode": mode,  # JAX's own variable counts too: JAX would read it anyway.
+          "coordinator_address": (raw["coordinator_address"]
+                                  or environ.get("JAX_COORDINATOR_ADDRESS") or None),
           "num_processes": _int(where["num_processes"], raw["num_processes"]),
           "process_id": _int(where["process_id"], raw["process_id"]),
           "local_device_ids": _device_ids(where["local_device_ids"], raw["local_device_ids"]),

@@ -139,8 +139,12 @@ class Checkpointer:
     log.warning("Checkpoint step %d in %s cannot be restored (%s); moving it to %s and "
                 "resuming from the previous checkpoint.", step, self.directory,
                 str(error).splitlines()[0][:300], target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(self.directory / str(step)), str(target))
+    if jax.process_index() == 0:  # One mover on a shared folder; the others wait for it.
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(self.directory / str(step)), str(target))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"tlflax_move_aside_{step}")
     self.manager.close()
     self.manager = self._manager()
 

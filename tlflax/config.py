@@ -10,7 +10,9 @@ import ml_collections
 from ml_collections import config_dict
 
 from tlflax import data
+from tlflax import early_stopping
 from tlflax import mixup
+from tlflax import distributed
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -94,6 +96,18 @@ def detection_config() -> ml_collections.ConfigDict:
   return c
 
 
+def fewshot_config() -> ml_collections.ConfigDict:
+  """`config.fewshot`: few-shot ridge evaluation during training (`tlflax.transfer.fewshot`)."""
+  c = ml_collections.ConfigDict()
+  c.every_steps = 0  # 0: off; else every N steps -> TensorBoard fewshot/*, DIR/fewshot.jsonl.
+  c.shots = (1, 5, 10, 25)  # Training images per class.
+  c.draws = 5  # Seeded support draws averaged per shot count.
+  c.l2_reg = 1.0  # Ridge strength on L2-normalised, centred features.
+  c.seed = 0  # Seed of the draws.
+  c.batch_size = config_dict.placeholder(int)  # Feature batch; None: eval_batch_size.
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -111,6 +125,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = config_dict.placeholder(int)  # None: once per epoch.
   c.checkpoint_every_steps = config_dict.placeholder(int)  # None: at every eval.
   c.keep_checkpoints = 2
+  # Start from another run's weights (a workdir, its checkpoints/ or a step folder): params
+  # and BatchNorm statistics, strictly; init_reinit (a regex such as 'params/head/.*') names
+  # those re-initialised when their shapes differ. Not a resume: step and optimizer start fresh.
+  c.init_from = config_dict.placeholder(str)
+  c.init_reinit = config_dict.placeholder(str)
+  c.fewshot = fewshot_config()  # Periodic few-shot evaluator; off by default.
+  c.early_stopping = early_stopping.default_config()  # Patience on an eval metric; best kept.
+  c.distributed = distributed.default_config()  # Multi-host start-up; None: auto-detect.
   return c
 
 

@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-from tests.test_train import tiny_digits_config
+from tests.tiny import tiny_digits_config
 from tlflax import data, train, workdir
 from tlflax.data import preprocess
 

@@ -18,28 +18,13 @@ from tests.test_distributed import saved_state, start, wait_all
 from tlflax.config import base_config
 
 CONFIG = textwrap.dedent("""
-    import ml_collections
-    from tlflax.config import base_config
+    from tests.tiny import tiny_digits_config
 
     def get_config():
-      c = base_config()
+      c = tiny_digits_config(4)
       c.seed = 7
-      c.model.pretrained = False
-      c.model.kwargs = ml_collections.ConfigDict({"width_mult": 0.25})
-      c.model.bn_mode = "train"
       c.model.dropout = 0.3
-      c.data.name = "digits"
-      c.data.image_size = 32
-      c.data.train_crop = "random_resized_crop"
-      c.data.crop_scale = (0.5, 1.0)
-      c.data.eval_crop = "resize"
-      c.batch_size = 16
-      c.eval_batch_size = 128
-      c.total_steps = 4
-      c.eval_every_steps = 2
       c.log_every_steps = 1
-      c.optim.lr = 0.05
-      c.optim.rules = [(r"backbone/features_[0-5]/.*", "frozen"), (".*", 1.0)]
       return c
 """)
 

@@ -7,7 +7,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.test_train import saved_params, tiny_digits_config
+from tests.test_train import saved_params
+from tests.tiny import tiny_digits_config
 from tlflax import early_stopping, train
 from tlflax.pretrained.load import flatten
 

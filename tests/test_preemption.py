@@ -15,28 +15,13 @@ from tests.test_train import saved_params
 
 TOTAL = 8
 CONFIG = f"""
-import ml_collections
-from tlflax.config import base_config
+from tests.tiny import tiny_digits_config
 
 
 def get_config(arg=None):
-  c = base_config()
-  c.model.pretrained = False
-  c.model.kwargs = ml_collections.ConfigDict({{"width_mult": 0.25}})
-  c.model.bn_mode = "train"
-  c.data.name = "digits"
-  c.data.image_size = 32
-  c.data.train_crop = "random_resized_crop"
-  c.data.crop_scale = (0.5, 1.0)
-  c.data.eval_crop = "resize"
-  c.batch_size = 16
-  c.eval_batch_size = 128
-  c.total_steps = {TOTAL}
+  c = tiny_digits_config({TOTAL})
   c.eval_every_steps = 4
-  c.checkpoint_every_steps = 2
   c.log_every_steps = 2
-  c.optim.lr = 0.05
-  c.optim.rules = [(r"backbone/features_[0-5]/.*", "frozen"), (".*", 1.0)]
   return c
 """
 

@@ -7,35 +7,13 @@ import sys
 from pathlib import Path
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 
 from tests.conftest import REPO, mobilenet_v2_weight_file, shared_data
+from tests.tiny import tiny_digits_config
 from tlflax import train
-from tlflax.config import base_config
 from tlflax.pretrained.load import flatten
-
-
-def tiny_digits_config(total_steps=4):
-  c = base_config()
-  c.model.pretrained = False
-  c.model.kwargs = ml_collections.ConfigDict({"width_mult": 0.25})
-  c.model.bn_mode = "train"
-  c.data.name = "digits"
-  c.data.image_size = 32
-  c.data.train_crop = "random_resized_crop"
-  c.data.crop_scale = (0.5, 1.0)
-  c.data.eval_crop = "resize"
-  c.batch_size = 16
-  c.eval_batch_size = 128
-  c.total_steps = total_steps
-  c.eval_every_steps = 2
-  c.checkpoint_every_steps = 2
-  c.optim.lr = 0.05
-  c.optim.rules = [(r"backbone/features_[0-5]/.*", "frozen"), (".*", 1.0)]
-  return c
 
 
 def saved_params(workdir: Path, step: int):

@@ -161,3 +161,24 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def check_overrides(argv) -> None:
+  """Exits, with close matches, on `--config.x.y=...` naming no field.
+
+  For every command taking `--config` (main, fewshot, episodic, rank): ml_collections would
+  otherwise raise a bare `AttributeError: 'y'` from inside flag parsing.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None and "--config" in argv[:-1]:
+    spec = argv[argv.index("--config") + 1]
+  paths = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  if spec is None or not paths:
+    return
+  config = load_config_file(spec)
+  for path in paths:
+    try:
+      check_field_path(config, path)
+    except ValueError as e:
+      sys.exit(f"Error: {e}")

@@ -149,6 +149,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  from tlflax.fewshot import check_overrides  # pylint: disable=g-import-not-at-top
+  from tlflax.config import check_overrides  # pylint: disable=g-import-not-at-top
   check_overrides(sys.argv)
   main()

@@ -119,24 +119,7 @@ def main(argv=None) -> None:
   app.run(_run, argv)
 
 
-def check_overrides(argv) -> None:
-  """Exits with close matches on `--config.x.y=...` naming no field (as `tlflax.main` does;
-  importing `tlflax.main` would define its flags twice)."""
-  from tlflax.config import check_field_path, load_config_file
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if spec is None and "--config" in argv[:-1]:
-    spec = argv[argv.index("--config") + 1]
-  paths = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-  if spec is None or not paths:
-    return
-  config = load_config_file(spec)
-  for path in paths:
-    try:
-      check_field_path(config, path)
-    except ValueError as e:
-      sys.exit(f"Error: {e}")
-
-
 if __name__ == "__main__":
+  from tlflax.config import check_overrides  # pylint: disable=g-import-not-at-top
   check_overrides(sys.argv)
   main()

@@ -38,27 +38,7 @@ def main(argv):
   train.run(_CONFIG.value, _WORKDIR.value)
 
 
-def check_overrides(argv) -> None:
-  """Fails early, with close matches, on `--config.x.y=...` naming no field.
-
-  ml_collections would otherwise raise a bare `AttributeError: 'y'` from
-  inside flag parsing.
-  """
-  from tlflax.config import check_field_path, load_config_file  # pylint: disable=g-import-not-at-top
-  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if spec is None and "--config" in argv[:-1]:
-    spec = argv[argv.index("--config") + 1]
-  paths = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-  if spec is None or not paths:
-    return
-  config = load_config_file(spec)
-  for path in paths:
-    try:
-      check_field_path(config, path)
-    except ValueError as e:
-      sys.exit(f"Error: {e}")
-
-
 if __name__ == "__main__":
+  from tlflax.config import check_overrides  # pylint: disable=g-import-not-at-top
   check_overrides(sys.argv)
   app.run(main)

@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from tlflax.ops import conv as conv_ops
 from tlflax.ops.depthwise import depthwise_conv2d
 
 Padding = Tuple[Tuple[int, int], Tuple[int, int]]
@@ -101,9 +102,11 @@ class ConvBN(nn.Module):
       x = DepthwiseConv((k, k), (s, s), padding, dilation=(d, d), dtype=self.dtype,
                         name="conv")(x)
     else:
+      # conv_ops: lax's convolution, with a GEMM weight gradient for 1x1 kernels on CPU.
       x = nn.Conv(self.features, (k, k), (s, s), padding=padding, use_bias=False,
                   kernel_dilation=(d, d), feature_group_count=self.groups,
-                  kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
+                  kernel_init=conv_init, dtype=self.dtype, name="conv",
+                  conv_general_dilated=conv_ops.conv_general_dilated)(x)
     x = batch_norm(self, train, epsilon=self.bn_epsilon, frozen_patterns=self.frozen_bn,
                    momentum=self.bn_momentum)(x)
     return self.activation(x) if self.activation is not None else x

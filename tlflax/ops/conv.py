@@ -1,0 +1,121 @@
+"""Convolution whose 1x1 weight gradient is a GEMM on CPU.
+
+XLA's CPU backend expresses the weight gradient of a convolution as another
+convolution with batch and features swapped (activation as (C, H, W, N), the
+output gradient as the kernel), and layout assignment materialises both
+operands transposed before Eigen runs it: two full transposes of
+activation-sized tensors per layer. For a 1x1 kernel the weight gradient is
+one matrix product instead, dW = X^T G with X the (strided) input as
+(N*H*W, Ci) and G the output gradient as (N*H*W, Co), both already row-major
+in NHWC. In a training step the transposes (fused with the recomputed BN/ReLU
+that produces X) were 55% of ResNet-50's step at 224 px and 14% of
+MobileNetV2's (benchmarks/README.md, "Per-op account of the remaining gap").
+Larger kernels keep XLA's gradient: as one GEMM per tap over strided slices
+it measured slower for ResNet-18's 3x3 convolutions (same section).
+
+`conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (flax's
+`nn.Conv(conv_general_dilated=...)`): 1x1, ungrouped, undilated NHWC/HWIO
+convolutions with explicit padding go through a `jax.custom_vjp` whose
+forward and input gradient are lax's own and whose weight gradient is that
+GEMM; every other convolution is lax's, unchanged. The impl is chosen per
+platform: "gemm" on CPU, "lax" elsewhere; `TLFLAX_CONV_WGRAD_IMPL=lax|gemm`
+overrides it (read at trace time).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+IMPLS = ("lax", "gemm")
+ENV_VAR = "TLFLAX_CONV_WGRAD_IMPL"
+_NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs, rhs, out specs of NHWC/HWIO/NHWC.
+
+
+def default_impl() -> str:
+  """`TLFLAX_CONV_WGRAD_IMPL` if set, else "gemm" on CPU and "lax" elsewhere."""
+  impl = os.environ.get(ENV_VAR)
+  if impl:
+    if impl not in IMPLS:
+      raise ValueError(f"{ENV_VAR}={impl!r}; expected one of {IMPLS}.")
+    return impl
+  return "gemm" if jax.default_backend() == "cpu" else "lax"
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated`, with the GEMM weight gradient where it applies."""
+  if default_impl() == "gemm" and _is_pointwise_nhwc(
+      lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+      batch_group_count, preferred_element_type):
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _gemm_wgrad_op(tuple(int(s) for s in window_strides), pads, precision)(lhs, rhs)
+  return lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count, precision=precision,
+      preferred_element_type=preferred_element_type)
+
+
+def _is_pointwise_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                       feature_group_count, batch_group_count, preferred_element_type) -> bool:
+  """1x1 kernel, NHWC/HWIO, no groups, no dilation, explicit padding, plain output dtype."""
+  if (lhs.ndim != 4 or rhs.ndim != 4 or tuple(rhs.shape[:2]) != (1, 1)
+      or feature_group_count != 1 or batch_group_count != 1 or isinstance(padding, str)
+      or preferred_element_type is not None or dimension_numbers is None):
+    return False
+  if any(d != 1 for d in tuple(lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1))):
+    return False
+  spec = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  return (tuple(spec.lhs_spec), tuple(spec.rhs_spec), tuple(spec.out_spec)) == _NHWC
+
+
+def _forward(x, kernel, strides, padding, precision):
+  return lax.conv_general_dilated(x, kernel, strides, padding, precision=precision,
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _weight_grad(x, dy, kernel_shape, strides, padding, precision):
+  """dW[i, j] = X_ij^T dY over (N, H, W), one GEMM per kernel tap (i, j) (one for 1x1)."""
+  (pt, pb), (pl, pr) = padding
+  if pt or pb or pl or pr:
+    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  kh, kw, ci, co = kernel_shape
+  n, ho, wo, _ = dy.shape
+  sh, sw = strides
+  dy2 = dy.reshape(-1, co)
+
+  def tap(i, j):
+    xs = x
+    if (i, j, sh, sw) != (0, 0, 1, 1) or x.shape[1:3] != (ho, wo):
+      xs = lax.slice(x, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, ci),
+                     (1, sh, sw, 1))
+    return lax.dot_general(xs.reshape(-1, ci), dy2, (((0,), (0,)), ((), ())),
+                           precision=precision, preferred_element_type=jnp.float32)
+
+  return jnp.stack([jnp.stack([tap(i, j) for j in range(kw)]) for i in range(kh)])
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_wgrad_op(strides, padding, precision):
+  """One custom_vjp per static configuration (strides, padding, precision)."""
+
+  @jax.custom_vjp
+  def op(x, kernel):
+    return _forward(x, kernel, strides, padding, precision)
+
+  def fwd(x, kernel):
+    return op(x, kernel), (x, kernel)
+
+  def bwd(res, dy):
+    x, kernel = res
+    dx = jax.vjp(lambda x_: _forward(x_, kernel, strides, padding, precision), x)[1](dy)[0]
+    dw = _weight_grad(x, dy, kernel.shape, strides, padding, precision)
+    return dx, dw.astype(kernel.dtype)
+
+  op.defvjp(fwd, bwd)
+  return op

@@ -372,7 +372,8 @@ def test_cli_dry_run_on_the_shipped_hymenoptera_sweep(tmp_path):
       text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   commands = [l for l in result.stdout.splitlines() if "-m tlflax.main" in l]
-  assert len(commands) == 12
+  assert len(commands) == 15  # 5 strategies (scratch included) x 3 seeds.
+  assert any("--config=configs/hymenoptera.py:gradual" in c for c in commands)
   assert any("--config=configs/hymenoptera.py:full" in c and "--config.model.pretrained=false"
              in c and "--config.seed=2" in c for c in commands)
   assert "hymenoptera_strategies/linear_seed=0" in result.stdout

@@ -24,11 +24,12 @@ overrides it (read at trace time).
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from tlflax.ops import platform
 
 IMPLS = ("lax", "gemm")
 ENV_VAR = "TLFLAX_CONV_WGRAD_IMPL"
@@ -37,12 +38,7 @@ _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs, rhs, out specs of NHW
 
 def default_impl() -> str:
   """`TLFLAX_CONV_WGRAD_IMPL` if set, else "gemm" on CPU and "lax" elsewhere."""
-  impl = os.environ.get(ENV_VAR)
-  if impl:
-    if impl not in IMPLS:
-      raise ValueError(f"{ENV_VAR}={impl!r}; expected one of {IMPLS}.")
-    return impl
-  return "gemm" if jax.default_backend() == "cpu" else "lax"
+  return platform.choose_impl(ENV_VAR, IMPLS, "gemm")
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,

@@ -15,11 +15,12 @@ whatever the input dtype (bf16 in, bf16 out). GPU and TPU keep
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from tlflax.ops import platform
 
 IMPLS = ("lax", "shifted")
 ENV_VAR = "TLFLAX_DEPTHWISE_IMPL"
@@ -32,12 +33,7 @@ _CHUNK_BYTES = 2 << 20
 
 def default_impl() -> str:
   """`TLFLAX_DEPTHWISE_IMPL` if set, else "shifted" on CPU and "lax" elsewhere."""
-  impl = os.environ.get(ENV_VAR)
-  if impl:
-    if impl not in IMPLS:
-      raise ValueError(f"{ENV_VAR}={impl!r}; expected one of {IMPLS}.")
-    return impl
-  return "shifted" if jax.default_backend() == "cpu" else "lax"
+  return platform.choose_impl(ENV_VAR, IMPLS, "shifted")
 
 
 def depthwise_conv2d(x, kernel, *, strides=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1),

@@ -73,6 +73,16 @@ def load_model(candidate: Candidate, weights_dir: Optional[str] = None, seed: in
                              seed=seed)
 
 
+def head_input(module, last):
+  """float32 [B, D]: what the classifier head reads from the `stride_32` map `last` (its
+  `pre_logits`, else the global mean, taken in float32 so bf16 maps average exactly)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  pre_logits = getattr(module, "pre_logits", None)
+  if pre_logits is None:
+    return jnp.mean(last.astype(jnp.float32), axis=(1, 2))
+  return pre_logits(last, False).astype(jnp.float32)
+
+
 def _forward(module, x, depths: Tuple[str, ...]):
   """Pooled maps at `depths` and the head's probabilities, from one backbone pass."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -82,10 +92,8 @@ def _forward(module, x, depths: Tuple[str, ...]):
   if unknown:
     raise ValueError(f"Depth(s) {unknown} are not outputs of {type(module.backbone).__name__}; "
                      f"choose from {sorted(maps) + [PRE_LOGITS]}.")
-  last = maps["stride_32"]
-  pre = (jnp.mean(last, axis=(1, 2)) if module.pre_logits is None
-         else module.pre_logits(last, False))
-  pooled = {d: (pre if d == PRE_LOGITS else jnp.mean(maps[d], axis=(1, 2))).astype(jnp.float32)
+  pre = head_input(module, maps["stride_32"])
+  pooled = {d: pre if d == PRE_LOGITS else jnp.mean(maps[d], axis=(1, 2)).astype(jnp.float32)
             for d in depths}
   head = module.variables["params"]["head"]
   logits = pre.astype(jnp.float32) @ head["kernel"] + head["bias"]
@@ -99,22 +107,41 @@ def make_extractor(module, depths: Sequence[str]):
   return jax.jit(lambda variables, x: module.apply(variables, x, method=fn))
 
 
-def split_batches(pipe, split: str, mean, std, batch_size: int
+def split_batches(pipe, split: str, mean, std, batch_size: int,
+                  indices: Optional[np.ndarray] = None
                   ) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
   """(images [B, S, S, 3] float32, labels [b]) of `split` ("train" / "eval") in its fixed
   order, through the pipeline's eval transform with this mean/std; the last batch is
-  zero-padded to B rows (labels keep only the real ones)."""
+  zero-padded to B rows (labels keep only the real ones), so one compilation serves all.
+
+  `indices` (strictly increasing) keeps only those examples: the few-shot support pool.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tlflax.data import preprocess  # pylint: disable=g-import-not-at-top
-  transform = preprocess.eval_transform(pipe.config, mean, std)
-  examples = pipe.records(split).examples().map(transform, num_parallel_calls=tf.data.AUTOTUNE,
-                                                 deterministic=True)
+  from tlflax.data import pipeline  # pylint: disable=g-import-not-at-top
+  records = pipe.records(split)
+  transform = pipeline.TRANSFORMS[pipe.label_kind].eval_transform(pipe.config, mean, std)
+  rows = records.rows() if indices is None else _selected_rows(records, indices)
+  examples = rows.map(lambda row: transform(records.decode(row)),
+                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   for batch in examples.batch(batch_size).prefetch(tf.data.AUTOTUNE).as_numpy_iterator():
     images, labels = batch["image"], batch["label"]
     if len(images) < batch_size:
       pad = np.zeros((batch_size - len(images),) + images.shape[1:], images.dtype)
       images = np.concatenate([images, pad])
     yield images, labels
+
+
+def _selected_rows(records, indices: np.ndarray):
+  """The undecoded rows at `indices`, in order: gathered from a table, filtered from a stream."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  indices = np.asarray(indices, np.int64)
+  if np.any(np.diff(indices) <= 0):
+    raise ValueError("split_batches needs strictly increasing indices.")
+  if records.table is not None:
+    return tf.data.Dataset.from_tensor_slices({k: v[indices] for k, v in records.table.items()})
+  wanted = tf.constant(indices)
+  return records.stream.enumerate().filter(
+      lambda i, _: tf.reduce_any(tf.equal(i, wanted))).map(lambda _, row: row)
 
 
 def extract_split(extractor, variables, pipe, split: str, mean, std, batch_size: int,

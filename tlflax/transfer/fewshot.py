@@ -28,6 +28,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
+from tlflax.transfer import features as features_lib
+
 DEFAULT_SHOTS = (1, 5, 10, 25)
 DEFAULT_DRAWS = 5
 # With L2-normalised, centred features (squared norms below 1), 1.0 is strong
@@ -41,12 +43,7 @@ DEFAULT_L2_REG = 1.0
 
 def pooled_features(module, x):
   """The vector the classifier head reads; a plain global mean for other models."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  features = module.backbone(x, False)["stride_32"]
-  pre_logits = getattr(module, "pre_logits", None)
-  if pre_logits is None:
-    return jnp.mean(features.astype(jnp.float32), axis=(1, 2))
-  return pre_logits(features, False).astype(jnp.float32)
+  return features_lib.head_input(module, module.backbone(x, False)["stride_32"])
 
 
 def feature_function(module) -> Callable:
@@ -77,30 +74,10 @@ def check_classification(pipe) -> None:
 
 def eval_images(pipe, split: str, indices: np.ndarray, mean: Sequence[float],
                 std: Sequence[float], batch_size: int) -> Iterator[np.ndarray]:
-  """Batches of the images at sorted `indices`, through the eval transform (no augmentation).
-
-  The last batch is zero-padded to `batch_size`, so one compilation serves all.
-  """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from tlflax.data import pipeline  # pylint: disable=g-import-not-at-top
-  indices = np.asarray(indices, np.int64)
-  if np.any(np.diff(indices) <= 0):
-    raise ValueError("eval_images needs strictly increasing indices.")
-  records = pipe.records(split)
-  transform = pipeline.TRANSFORMS[pipe.label_kind].eval_transform(pipe.config, mean, std)
-  if records.table is not None:
-    rows = tf.data.Dataset.from_tensor_slices({k: v[indices] for k, v in records.table.items()})
-  else:
-    wanted = tf.constant(indices)
-    rows = records.stream.enumerate().filter(
-        lambda i, _: tf.reduce_any(tf.equal(i, wanted))).map(lambda _, row: row)
-  images = rows.map(lambda row: transform(records.decode(row))["image"],
-                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  for batch in images.batch(batch_size).as_numpy_iterator():
-    if len(batch) < batch_size:
-      batch = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:],
-                                              batch.dtype)])
-    yield batch
+  """Batches of the images at sorted `indices`, through the eval transform (no augmentation),
+  the last one zero-padded to `batch_size` (`features.split_batches`)."""
+  for images, _ in features_lib.split_batches(pipe, split, mean, std, batch_size, indices):
+    yield images
 
 
 def extract(features_fn: Callable, variables, pipe, split: str, indices: np.ndarray,

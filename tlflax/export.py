@@ -65,22 +65,25 @@ class Servable:
 
 @contextlib.contextmanager
 def portable_ops():
-  """Depthwise convolutions as `lax.conv_general_dilated` while tracing for export.
+  """Depthwise convolutions and max pools as lax ops while tracing for export.
 
-  tlflax's CPU fast path ("shifted", `tlflax.ops.depthwise`) loops over batch
-  chunks, which needs a concrete batch size, and is a CPU-only choice; the
-  artifact should run well anywhere, with a symbolic batch.
+  tlflax's CPU fast paths are CPU-only choices: "shifted" depthwise
+  (`tlflax.ops.depthwise`) loops over batch chunks, which needs a concrete batch
+  size, and the "ffi" kernels are custom calls that `jax.export` cannot
+  serialize. The artifact should run well anywhere, with a symbolic batch.
   """
-  from tlflax.ops import depthwise  # pylint: disable=g-import-not-at-top
-  before = os.environ.get(depthwise.ENV_VAR)
-  os.environ[depthwise.ENV_VAR] = "lax"
+  from tlflax.ops import depthwise, pooling  # pylint: disable=g-import-not-at-top
+  names = (depthwise.ENV_VAR, pooling.ENV_VAR)
+  before = {name: os.environ.get(name) for name in names}
+  os.environ.update({name: "lax" for name in names})
   try:
     yield
   finally:
-    if before is None:
-      del os.environ[depthwise.ENV_VAR]
-    else:
-      os.environ[depthwise.ENV_VAR] = before
+    for name, value in before.items():
+      if value is None:
+        del os.environ[name]
+      else:
+        os.environ[name] = value
 
 
 def serving_function(model: Servable) -> Callable:

@@ -1,4 +1,4 @@
-"""Parity of the shifted depthwise convolution with lax.conv, and its API contract."""
+"""Parity of the shifted and ffi depthwise convolutions with lax.conv, and the API contract."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -8,10 +8,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tlflax.ops import depthwise  # noqa: E402
+from tlflax.ops import depthwise, kernels  # noqa: E402
 from tlflax.ops.depthwise import default_impl, depthwise_conv2d  # noqa: E402
 
 TOL = 1e-5
+FAST_IMPLS = ["shifted", pytest.param("ffi", marks=pytest.mark.skipif(
+    not kernels.available(), reason=f"CPU kernels: {kernels.unavailable_reason()}"))]
 
 
 def _rel(a, b):
@@ -41,8 +43,8 @@ def _fwd_and_grads(impl, x, kernel, strides, padding):
     return run(x, kernel, dy)
 
 
-def _assert_parity(x, kernel, strides, padding):
-  got = _fwd_and_grads("shifted", x, kernel, strides, padding)
+def _assert_parity(x, kernel, strides, padding, impl="shifted"):
+  got = _fwd_and_grads(impl, x, kernel, strides, padding)
   want = _fwd_and_grads("lax", x, kernel, strides, padding)
   for name, a, b in zip(("forward", "input grad", "weight grad"), got, want):
     assert a.shape == b.shape and a.dtype == b.dtype, name
@@ -65,10 +67,11 @@ CASES = [  # (x shape, kernel, stride, padding)
 ]
 
 
+@pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("shape,k,stride,padding", CASES)
-def test_parity_with_lax(small_chunks, shape, k, stride, padding):
+def test_parity_with_lax(small_chunks, shape, k, stride, padding, impl):
   x, kernel = _inputs(shape, k)
-  _assert_parity(x, kernel, (stride, stride), padding)
+  _assert_parity(x, kernel, (stride, stride), padding, impl)
 
 
 def test_parity_without_batch_loop():
@@ -78,9 +81,10 @@ def test_parity_without_batch_loop():
   _assert_parity(x, kernel, (2, 2), ((0, 1), (1, 0)))
 
 
-def test_parity_mixed_strides(small_chunks):
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_parity_mixed_strides(small_chunks, impl):
   x, kernel = _inputs((3, 9, 9, 4), 3)
-  _assert_parity(x, kernel, (2, 1), ((1, 1), (0, 2)))
+  _assert_parity(x, kernel, (2, 1), ((1, 1), (0, 2)), impl)
 
 
 def test_grad_under_jit_twice_no_retrace(small_chunks):
@@ -103,7 +107,8 @@ def test_grad_under_jit_twice_no_retrace(small_chunks):
   assert _rel(g2, want) < TOL
 
 
-def test_bfloat16_keeps_dtypes(small_chunks):
+@pytest.mark.parametrize("impl", FAST_IMPLS)
+def test_bfloat16_keeps_dtypes(small_chunks, impl):
   """bf16 in, bf16 out; float32 kernel keeps a float32 gradient (f32 accumulation inside)."""
   x, kernel = _inputs((3, 8, 8, 4), 3)
   xb = x.astype(jnp.bfloat16)
@@ -112,7 +117,7 @@ def test_bfloat16_keeps_dtypes(small_chunks):
     y = depthwise_conv2d(x, k, strides=(2, 2), padding=((0, 1), (0, 1)), impl=impl)
     return jnp.sum(y.astype(jnp.float32) ** 2), y.dtype
 
-  (_, ydt), (dx, dk) = jax.value_and_grad(loss, (0, 1), has_aux=True)(xb, kernel, "shifted")
+  (_, ydt), (dx, dk) = jax.value_and_grad(loss, (0, 1), has_aux=True)(xb, kernel, impl)
   assert ydt == jnp.bfloat16 and dx.dtype == jnp.bfloat16 and dk.dtype == jnp.float32
   with jax.default_matmul_precision("highest"):
     _, (dx_ref, dk_ref) = jax.value_and_grad(loss, (0, 1), has_aux=True)(xb, kernel, "lax")
@@ -121,7 +126,8 @@ def test_bfloat16_keeps_dtypes(small_chunks):
 
 def test_default_impl_follows_env(monkeypatch):
   monkeypatch.delenv(depthwise.ENV_VAR, raising=False)
-  assert default_impl() == ("shifted" if jax.default_backend() == "cpu" else "lax")
+  cpu = "ffi" if kernels.available() else "shifted"
+  assert default_impl() == (cpu if jax.default_backend() == "cpu" else "lax")
   monkeypatch.setenv(depthwise.ENV_VAR, "lax")
   assert default_impl() == "lax"
   monkeypatch.setenv(depthwise.ENV_VAR, "shifted")

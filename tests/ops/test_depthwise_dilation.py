@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from tlflax.ops import depthwise
+from tlflax.ops import depthwise, kernels
 from tlflax.ops.depthwise import depthwise_conv2d
 
 TOL = 1e-5
@@ -52,7 +52,8 @@ def small_chunks(monkeypatch):
   monkeypatch.setattr(depthwise, "_CHUNK_BYTES", 2 * 10 * 10 * 4 * 4)
 
 
-@pytest.mark.parametrize("impl", ["shifted", "lax"])
+@pytest.mark.parametrize("impl", ["shifted", "lax", pytest.param("ffi", marks=pytest.mark.skipif(
+    not kernels.available(), reason=f"CPU kernels: {kernels.unavailable_reason()}"))])
 @pytest.mark.parametrize("shape,k,strides,padding,dilation", CASES,
                          ids=[f"{c[0][1]}x{c[0][2]}-k{c[1]}-s{c[2]}-d{c[4]}" for c in CASES])
 def test_dilated_matches_lax_conv(small_chunks, impl, shape, k, strides, padding, dilation):

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tlflax.ops import depthwise
+from tlflax.ops import depthwise, kernels
 
 CASES = [  # (n, h, w, c, kernel, stride, padding)
     (3, 9, 9, 5, 3, 1, ((1, 1), (1, 1))),
@@ -47,7 +47,8 @@ def test_shifted_matches_lax(case):
 
 def test_default_impl_follows_platform_and_env(monkeypatch):
   monkeypatch.delenv("TLFLAX_DEPTHWISE_IMPL", raising=False)
-  assert depthwise.default_impl() == ("shifted" if jax.default_backend() == "cpu" else "lax")
+  cpu = "ffi" if kernels.available() else "shifted"
+  assert depthwise.default_impl() == (cpu if jax.default_backend() == "cpu" else "lax")
   monkeypatch.setenv("TLFLAX_DEPTHWISE_IMPL", "lax")
   assert depthwise.default_impl() == "lax"
   monkeypatch.setenv("TLFLAX_DEPTHWISE_IMPL", "fast")

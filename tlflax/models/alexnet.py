@@ -13,6 +13,7 @@ from typing import Any, Dict, Tuple
 import flax.linen as nn
 
 from tlflax.models.spec import ModelSpec
+from tlflax.ops import pooling
 from tlflax.models.vgg import FCPreLogits
 
 # torch's default Conv/Linear init (kaiming_uniform, a=sqrt(5)): U(+-1/sqrt(fan_in)).
@@ -24,7 +25,7 @@ STAGES: Tuple[Tuple[str, str], ...] = (
 
 
 def _max_pool(x):
-  return nn.max_pool(x, (3, 3), (2, 2))  # Overlapping 3x3 stride-2 pool, VALID (floor mode).
+  return pooling.max_pool(x, (3, 3), (2, 2))  # Overlapping 3x3 stride-2 pool, VALID (floor mode).
 
 
 class AlexNet(nn.Module):

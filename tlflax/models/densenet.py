@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from tlflax.models.layers import batch_norm, conv_init
 from tlflax.models.spec import ModelSpec
+from tlflax.ops import pooling
 
 # Stage k ends at the feature map of stride 2**(k+1); a transition (BN, 1x1
 # conv, 2x2 average pool) starts the stage whose resolution it produces.
@@ -132,7 +133,7 @@ class DenseNet(nn.Module):
     x = nn.Conv(self.num_init_features, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
                 use_bias=False, kernel_init=conv_init, dtype=self.dtype, name="conv0")(x)
     x = nn.relu(batch_norm(self, train, "norm0", frozen_patterns=self.frozen_bn)(x))
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    x = pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     outputs = {}
     for i, num_layers in enumerate(self.block_config):
       if i > 0:

@@ -28,6 +28,7 @@ import numpy as np
 
 from tlflax.models.layers import batch_norm, conv_init
 from tlflax.models.spec import ModelSpec
+from tlflax.ops import pooling
 from tlflax.pretrained.weights import IMAGENET_MEAN, IMAGENET_STD
 
 Pair = Union[int, Tuple[int, int]]
@@ -81,7 +82,7 @@ def _avg_pool_3x3(x):
 
 
 def _max_pool_3x3_s2(x):
-  return nn.max_pool(x, (3, 3), (2, 2), padding="VALID")
+  return pooling.max_pool(x, (3, 3), (2, 2))
 
 
 class InceptionA(_Mixed):

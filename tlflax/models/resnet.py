@@ -17,6 +17,7 @@ import flax.linen as nn
 
 from tlflax.models.layers import ConvBN
 from tlflax.models.spec import ModelSpec
+from tlflax.ops import pooling
 
 STAGES: Tuple[Tuple[str, str], ...] = (
     ("stem", r"conv1"), ("stage1", r"layer1_\d+"), ("stage2", r"layer2_\d+"),
@@ -107,7 +108,7 @@ class ResNet(nn.Module):
     kw = dict(frozen_bn=self.frozen_bn, dtype=self.dtype)
     dilate = _check_dilation(self.replace_stride_with_dilation)
     x = ConvBN(self.base_channels, 7, 2, activation=nn.relu, name="conv1", **kw)(x, train)
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    x = pooling.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
     outputs, dilation = {}, 1
     for stage, blocks in enumerate(self.layers):
       planes = self.base_channels * 2 ** stage

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from tlflax.models.layers import batch_norm, conv_init
 from tlflax.models.spec import ModelSpec
+from tlflax.ops import pooling
 
 # Output channels of each 3x3 conv; "M" is a 2x2 stride-2 max-pool (the paper's configs).
 CONFIGS: Dict[str, Tuple[Union[int, str], ...]] = {
@@ -101,7 +102,7 @@ class VGG(nn.Module):
     outputs, stride = {}, 1
     for index, item in _layer_indices(self.config, self.batch_norm):
       if item == "M":
-        x = nn.max_pool(x, (2, 2), (2, 2))  # VALID: torch's floor mode.
+        x = pooling.max_pool(x, (2, 2), (2, 2))  # VALID: torch's floor mode.
         stride *= 2
         if stride >= 4:
           outputs[f"stride_{stride}"] = x

@@ -12,6 +12,11 @@ convolution, DeepLab's output stride) moves kernel tap (i, j) to input offset
 (i * dh, j * dw); nothing else changes. Arithmetic is float32
 whatever the input dtype (bf16 in, bf16 out). GPU and TPU keep
 `lax.conv_general_dilated` ("lax"). Measurements: benchmarks/depthwise_layer.py.
+
+The "ffi" implementation calls tlflax's compiled CPU kernels (`kernels.py`,
+`csrc/cpu_kernels.cc`): the forward, input gradient and weight gradient as
+channel-vectorized loops over output rows on XLA's thread pool. It is the CPU
+default wherever the kernels were built, "shifted" where they were not.
 """
 from __future__ import annotations
 
@@ -20,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tlflax.ops import platform
+from tlflax.ops import kernels, platform
 
-IMPLS = ("lax", "shifted")
+IMPLS = ("lax", "shifted", "ffi")
 ENV_VAR = "TLFLAX_DEPTHWISE_IMPL"
 
 # Bytes of input per batch chunk in the loops below: about one or two L2 caches.
@@ -32,8 +37,9 @@ _CHUNK_BYTES = 2 << 20
 
 
 def default_impl() -> str:
-  """`TLFLAX_DEPTHWISE_IMPL` if set, else "shifted" on CPU and "lax" elsewhere."""
-  return platform.choose_impl(ENV_VAR, IMPLS, "shifted")
+  """`TLFLAX_DEPTHWISE_IMPL` if set, else on CPU "ffi" (or "shifted" where the kernels
+  were not built), and "lax" elsewhere."""
+  return platform.choose_impl(ENV_VAR, IMPLS, "ffi" if kernels.available() else "shifted")
 
 
 def depthwise_conv2d(x, kernel, *, strides=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1),
@@ -51,6 +57,8 @@ def depthwise_conv2d(x, kernel, *, strides=(1, 1), padding=((1, 1), (1, 1)), dil
     return _lax_conv(x, kernel.astype(x.dtype), strides, padding, dilation)
   if impl == "shifted":
     return _shifted(x, kernel, strides, padding, dilation)
+  if impl == "ffi":
+    return _ffi(x, kernel, strides, padding, dilation)
   raise ValueError(f"depthwise_conv2d: impl={impl!r}; expected one of {IMPLS} or None.")
 
 
@@ -320,3 +328,51 @@ def _make_shifted_op():
 
 
 _shifted = _make_shifted_op()
+
+
+def _ffi_attrs(strides, padding, dilation):
+  return dict(stride_h=strides[0], stride_w=strides[1], pad_top=padding[0][0],
+              pad_left=padding[1][0], dilation_h=dilation[0], dilation_w=dilation[1])
+
+
+def _ffi_forward(x, kernel, strides, padding, dilation):
+  kh, kw, _, c = kernel.shape
+  out_h = _out_size(x.shape[1], *padding[0], _extent(kh, dilation[0]), strides[0])
+  out_w = _out_size(x.shape[2], *padding[1], _extent(kw, dilation[1]), strides[1])
+  out = jax.ShapeDtypeStruct((x.shape[0], out_h, out_w, c), jnp.float32)
+  y = kernels.call("tlflax_depthwise_forward", out, x.astype(jnp.float32),
+                   kernel.reshape(kh, kw, c).astype(jnp.float32),
+                   **_ffi_attrs(strides, padding, dilation))
+  return y.astype(x.dtype)
+
+
+def _ffi_backward(x, kernel, dy, strides, padding, dilation):
+  kh, kw, _, c = kernel.shape
+  attrs = _ffi_attrs(strides, padding, dilation)
+  dy32 = dy.astype(jnp.float32)
+  dx = kernels.call("tlflax_depthwise_input_grad", jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                    dy32, kernel.reshape(kh, kw, c).astype(jnp.float32), **attrs)
+  dk = kernels.call("tlflax_depthwise_weight_grad", jax.ShapeDtypeStruct((kh, kw, c), jnp.float32),
+                    x.astype(jnp.float32), dy32, **attrs)
+  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _make_ffi_op():
+  """custom_vjp over the compiled kernels; residuals are x and the kernel, as `_shifted`."""
+
+  def f(strides, padding, dilation, x, kernel):
+    return _ffi_forward(x, kernel, strides, padding, dilation)
+
+  def fwd(strides, padding, dilation, x, kernel):
+    return f(strides, padding, dilation, x, kernel), (x, kernel)
+
+  def bwd(strides, padding, dilation, res, dy):
+    x, kernel = res
+    return _ffi_backward(x, kernel, dy, strides, padding, dilation)
+
+  op = jax.custom_vjp(f, nondiff_argnums=(0, 1, 2))
+  op.defvjp(fwd, bwd)
+  return lambda x, kernel, strides, padding, dilation: op(strides, padding, dilation, x, kernel)
+
+
+_ffi = _make_ffi_op()

@@ -1,0 +1,489 @@
+// CPU kernels for the ops XLA's CPU backend runs slowly, called through the XLA FFI.
+//
+// Depthwise convolution (forward, input gradient, weight gradient) and max pooling
+// (forward with the argmax tap, backward as a scatter of dy onto it), all NHWC
+// float32, row-major. XLA lowers a depthwise convolution's weight gradient to a
+// dense C x C convolution and its max pool gradient to select-and-scatter; both
+// are several times torch's oneDNN kernels on CPU (benchmarks/README.md).
+//
+// Every kernel splits its work into a fixed number of items that do not depend on
+// the thread count, and each item writes only its own outputs; partial sums are
+// added in item order. So results are bit-identical run to run and on machines
+// with different thread counts. The items run on XLA's intra-op thread pool, the
+// same threads as the rest of the step; the calling thread takes items too, so a
+// busy pool cannot deadlock a kernel.
+//
+// The channel loops are written for the compiler to vectorize; on x86-64 each
+// hot function is compiled for AVX-512, AVX2+FMA and baseline, chosen at load
+// time (target_clones), so a build on one machine runs on another.
+
+#include <Python.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TLFLAX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define TLFLAX_CLONES
+#endif
+
+namespace {
+
+// Runs body(i) for i in [0, n) on the pool and the calling thread.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
+  int64_t threads = std::min<int64_t>(pool.num_threads(), n);
+  if (threads <= 1) {
+    for (int64_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  const Body* bodyp = &body;
+  // A task that starts after all items are taken returns without touching body,
+  // so body may go out of scope once every item is done.
+  auto run = [state, n, bodyp]() {
+    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
+      (*bodyp)(i);
+      if (state->done.fetch_add(1) + 1 == n) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) {
+    auto task = run;
+    pool.Schedule(std::move(task));
+  }
+  run();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == n; });
+}
+
+// Geometry of a 2-D window op on NHWC tensors: input (n, h, w, c), output
+// (n, oh, ow, c), window (kh, kw) at strides (sh, sw), top/left padding (pt, pl),
+// tap dilation (dh, dw).
+struct Geometry {
+  int64_t n, h, w, c, oh, ow, kh, kw, sh, sw, pt, pl, dh, dw;
+  int64_t InRow(int64_t o, int64_t i) const { return o * sh - pt + i * dh; }
+  int64_t InCol(int64_t o, int64_t j) const { return o * sw - pl + j * dw; }
+};
+
+// 16 floats: one AVX-512 register, two AVX2 ones; the compiler splits it per target.
+typedef float Vec __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(Vec));
+  return v;
+}
+
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+
+// out[0:cn] = sum over taps t of a[t][0:cn] * b[t][0:cn]. Channels go in blocks
+// of 64 held in four registers across all taps, then 16, then one at a time.
+TLFLAX_CLONES void TapsDot(const float* const* a, const float* const* b, int64_t taps,
+                           int64_t cn, float* out) {
+  int64_t c = 0;
+  for (; c + 4 * kLanes <= cn; c += 4 * kLanes) {
+    Vec s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    for (int64_t t = 0; t < taps; ++t) {
+      const float* x = a[t] + c;
+      const float* y = b[t] + c;
+      s0 += Load(x) * Load(y);
+      s1 += Load(x + kLanes) * Load(y + kLanes);
+      s2 += Load(x + 2 * kLanes) * Load(y + 2 * kLanes);
+      s3 += Load(x + 3 * kLanes) * Load(y + 3 * kLanes);
+    }
+    Store(out + c, s0);
+    Store(out + c + kLanes, s1);
+    Store(out + c + 2 * kLanes, s2);
+    Store(out + c + 3 * kLanes, s3);
+  }
+  for (; c + kLanes <= cn; c += kLanes) {
+    Vec s = {};
+    for (int64_t t = 0; t < taps; ++t) s += Load(a[t] + c) * Load(b[t] + c);
+    Store(out + c, s);
+  }
+  for (; c < cn; ++c) {
+    float s = 0.0f;
+    for (int64_t t = 0; t < taps; ++t) s += a[t][c] * b[t][c];
+    out[c] = s;
+  }
+}
+
+// out[0:cn] += sum over `len` pixels p of x[p * xstep + (0:cn)] * y[p * cn + (0:cn)].
+TLFLAX_CLONES void RowDot(const float* x, int64_t xstep, const float* y, int64_t len,
+                          int64_t cn, float* out) {
+  int64_t c = 0;
+  for (; c + 4 * kLanes <= cn; c += 4 * kLanes) {
+    Vec s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    for (int64_t p = 0; p < len; ++p) {
+      const float* a = x + p * xstep + c;
+      const float* b = y + p * cn + c;
+      s0 += Load(a) * Load(b);
+      s1 += Load(a + kLanes) * Load(b + kLanes);
+      s2 += Load(a + 2 * kLanes) * Load(b + 2 * kLanes);
+      s3 += Load(a + 3 * kLanes) * Load(b + 3 * kLanes);
+    }
+    Store(out + c, Load(out + c) + s0);
+    Store(out + c + kLanes, Load(out + c + kLanes) + s1);
+    Store(out + c + 2 * kLanes, Load(out + c + 2 * kLanes) + s2);
+    Store(out + c + 3 * kLanes, Load(out + c + 3 * kLanes) + s3);
+  }
+  for (; c + kLanes <= cn; c += kLanes) {
+    Vec s = {};
+    for (int64_t p = 0; p < len; ++p) s += Load(x + p * xstep + c) * Load(y + p * cn + c);
+    Store(out + c, Load(out + c) + s);
+  }
+  for (; c < cn; ++c) {
+    float s = 0.0f;
+    for (int64_t p = 0; p < len; ++p) s += x[p * xstep + c] * y[p * cn + c];
+    out[c] += s;
+  }
+}
+
+constexpr int64_t kMaxTaps = 49;
+
+// One output row of the depthwise forward: y[b, r, :, :].
+void DepthwiseForwardRow(const Geometry& g, const float* x, const float* k, float* y, int64_t b,
+                         int64_t r) {
+  const float* xs[kMaxTaps];
+  const float* ks[kMaxTaps];
+  for (int64_t q = 0; q < g.ow; ++q) {
+    int64_t taps = 0;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t ih = g.InRow(r, i);
+      if (ih < 0 || ih >= g.h) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t iw = g.InCol(q, j);
+        if (iw < 0 || iw >= g.w) continue;
+        xs[taps] = x + ((b * g.h + ih) * g.w + iw) * g.c;
+        ks[taps++] = k + (i * g.kw + j) * g.c;
+      }
+    }
+    TapsDot(xs, ks, taps, g.c, y + ((b * g.oh + r) * g.ow + q) * g.c);
+  }
+}
+
+// One input row of the depthwise input gradient: dx[b, r, :, :]. Input pixel
+// (r, q) receives dy[o, p] * k[i, j] wherever o*sh - pt + i*dh == r, likewise q.
+void DepthwiseInputGradRow(const Geometry& g, const float* dy, const float* k, float* dx,
+                           int64_t b, int64_t r) {
+  const float* ds[kMaxTaps];
+  const float* ks[kMaxTaps];
+  for (int64_t q = 0; q < g.w; ++q) {
+    int64_t taps = 0;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t num_h = r + g.pt - i * g.dh;
+      if (num_h < 0 || num_h % g.sh) continue;
+      const int64_t o = num_h / g.sh;
+      if (o >= g.oh) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t num_w = q + g.pl - j * g.dw;
+        if (num_w < 0 || num_w % g.sw) continue;
+        const int64_t p = num_w / g.sw;
+        if (p >= g.ow) continue;
+        ds[taps] = dy + ((b * g.oh + o) * g.ow + p) * g.c;
+        ks[taps++] = k + (i * g.kw + j) * g.c;
+      }
+    }
+    TapsDot(ds, ks, taps, g.c, dx + ((b * g.h + r) * g.w + q) * g.c);
+  }
+}
+
+// Adds one output row's contribution to the depthwise weight gradient:
+// acc[i, j, :] += sum over p of x[b, r*sh - pt + i*dh, p*sw - pl + j*dw, :] * dy[b, r, p, :].
+void DepthwiseWeightGradRow(const Geometry& g, const float* x, const float* dy, float* acc,
+                            int64_t b, int64_t r) {
+  const float* dyrow = dy + (b * g.oh + r) * g.ow * g.c;
+  for (int64_t i = 0; i < g.kh; ++i) {
+    const int64_t ih = g.InRow(r, i);
+    if (ih < 0 || ih >= g.h) continue;
+    for (int64_t j = 0; j < g.kw; ++j) {
+      // Output columns p whose input column p*sw - pl + j*dw lies in [0, w).
+      const int64_t off = j * g.dw - g.pl;
+      const int64_t first = off >= 0 ? 0 : (-off + g.sw - 1) / g.sw;
+      const int64_t last = std::min(g.ow - 1, (g.w - 1 - off) / g.sw);
+      if (g.w - 1 - off < 0 || last < first) continue;
+      const float* xs = x + ((b * g.h + ih) * g.w + first * g.sw + off) * g.c;
+      RowDot(xs, g.sw * g.c, dyrow + first * g.c, last - first + 1, g.c,
+             acc + (i * g.kw + j) * g.c);
+    }
+  }
+}
+
+Geometry MakeGeometry(ffi::Span<const int64_t> in, ffi::Span<const int64_t> out, int64_t kh,
+                      int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t dh,
+                      int64_t dw) {
+  return Geometry{in[0], in[1], in[2], in[3], out[1], out[2], kh, kw, sh, sw, pt, pl, dh, dw};
+}
+
+ffi::Error CheckTaps(int64_t kh, int64_t kw) {
+  if (kh * kw > kMaxTaps || kh < 1 || kw < 1) {
+    return ffi::Error::InvalidArgument("tlflax depthwise kernel: at most 7x7 taps supported");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error DepthwiseForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> y,
+                                int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t dh,
+                                int64_t dw) {
+  auto kd = k.dimensions();
+  if (auto e = CheckTaps(kd[0], kd[1]); e.failure()) return e;
+  const Geometry g = MakeGeometry(x.dimensions(), y->dimensions(), kd[0], kd[1], sh, sw, pt, pl,
+                                  dh, dw);
+  const float* xp = x.typed_data();
+  const float* kp = k.typed_data();
+  float* yp = y->typed_data();
+  ParallelFor(pool, g.n * g.oh,
+              [&](int64_t t) { DepthwiseForwardRow(g, xp, kp, yp, t / g.oh, t % g.oh); });
+  return ffi::Error::Success();
+}
+
+ffi::Error DepthwiseInputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                                  ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<ffi::F32> dx,
+                                  int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t dh,
+                                  int64_t dw) {
+  auto kd = k.dimensions();
+  if (auto e = CheckTaps(kd[0], kd[1]); e.failure()) return e;
+  const Geometry g = MakeGeometry(dx->dimensions(), dy.dimensions(), kd[0], kd[1], sh, sw, pt,
+                                  pl, dh, dw);
+  const float* dyp = dy.typed_data();
+  const float* kp = k.typed_data();
+  float* dxp = dx->typed_data();
+  ParallelFor(pool, g.n * g.h,
+              [&](int64_t t) { DepthwiseInputGradRow(g, dyp, kp, dxp, t / g.h, t % g.h); });
+  return ffi::Error::Success();
+}
+
+// The weight gradient sums over every output pixel. The (n, oh) rows are split
+// into kWeightGradParts contiguous parts, each summed into its own buffer; the
+// parts are then added in order, so the result does not depend on scheduling.
+constexpr int64_t kWeightGradParts = 32;
+
+ffi::Error DepthwiseWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                   ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk,
+                                   int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t dh,
+                                   int64_t dw) {
+  auto kd = dk->dimensions();
+  if (auto e = CheckTaps(kd[0], kd[1]); e.failure()) return e;
+  const Geometry g = MakeGeometry(x.dimensions(), dy.dimensions(), kd[0], kd[1], sh, sw, pt, pl,
+                                  dh, dw);
+  const int64_t rows = g.n * g.oh;
+  const int64_t parts = std::max<int64_t>(1, std::min(rows, kWeightGradParts));
+  const int64_t size = g.kh * g.kw * g.c;
+  std::vector<float> partial(parts * size, 0.0f);
+  const float* xp = x.typed_data();
+  const float* dyp = dy.typed_data();
+  ParallelFor(pool, parts, [&](int64_t part) {
+    float* acc = partial.data() + part * size;
+    for (int64_t t = rows * part / parts; t < rows * (part + 1) / parts; ++t) {
+      DepthwiseWeightGradRow(g, xp, dyp, acc, t / g.oh, t % g.oh);
+    }
+  });
+  float* out = dk->typed_data();
+  std::memcpy(out, partial.data(), size * sizeof(float));
+  for (int64_t part = 1; part < parts; ++part) {
+    const float* src = partial.data() + part * size;
+    for (int64_t e = 0; e < size; ++e) out[e] += src[e];
+  }
+  return ffi::Error::Success();
+}
+
+// Max pooling over (kh, kw) windows, padding counted as -inf. Writes the max and,
+// when `index` is given, the window tap (i * kw + j) it came from: the first
+// maximum in row-major tap order, or the first NaN (which propagates, as in lax).
+template <bool kIndex>
+void MaxPoolRow(const Geometry& g, const float* x, float* y, uint8_t* index, int64_t b,
+                int64_t r) {
+  for (int64_t q = 0; q < g.ow; ++q) {
+    const int64_t o = ((b * g.oh + r) * g.ow + q) * g.c;
+    float* best = y + o;
+    std::fill(best, best + g.c, -std::numeric_limits<float>::infinity());
+    if (kIndex) std::fill(index + o, index + o + g.c, uint8_t{255});
+    for (int64_t i = 0; i < g.kh; ++i) {
+      const int64_t ih = g.InRow(r, i);
+      if (ih < 0 || ih >= g.h) continue;
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const int64_t iw = g.InCol(q, j);
+        if (iw < 0 || iw >= g.w) continue;
+        const float* vs = x + ((b * g.h + ih) * g.w + iw) * g.c;
+        const uint8_t tap = static_cast<uint8_t>(i * g.kw + j);
+        for (int64_t c = 0; c < g.c; ++c) {
+          const float v = vs[c], m = best[c];
+          // Take v when it is larger or NaN, unless the max is already NaN.
+          const bool take = m == m && (v > m || v != v);
+          if (kIndex) {
+            if (take || index[o + c] == 255) {
+              best[c] = v;
+              index[o + c] = tap;
+            }
+          } else if (take) {
+            best[c] = v;
+          }
+        }
+      }
+    }
+  }
+}
+
+template <bool kIndex>
+ffi::Error MaxPool(ffi::ThreadPool& pool, const float* x, ffi::Span<const int64_t> in,
+                   float* y, ffi::Span<const int64_t> out, uint8_t* index, int64_t kh,
+                   int64_t kw, int64_t sh, int64_t sw, int64_t pt, int64_t pl) {
+  if (kh * kw > 255 || kh < 1 || kw < 1) {
+    return ffi::Error::InvalidArgument("tlflax max pool: window larger than 255 taps");
+  }
+  const Geometry g = MakeGeometry(in, out, kh, kw, sh, sw, pt, pl, 1, 1);
+  ParallelFor(pool, g.n * g.oh,
+              [&](int64_t t) { MaxPoolRow<kIndex>(g, x, y, index, t / g.oh, t % g.oh); });
+  return ffi::Error::Success();
+}
+
+ffi::Error MaxPoolImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                       ffi::ResultBuffer<ffi::F32> y, int64_t kh, int64_t kw, int64_t sh,
+                       int64_t sw, int64_t pt, int64_t pl) {
+  return MaxPool<false>(pool, x.typed_data(), x.dimensions(), y->typed_data(), y->dimensions(),
+                        nullptr, kh, kw, sh, sw, pt, pl);
+}
+
+ffi::Error MaxPoolWithIndexImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::U8> index,
+                                int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt,
+                                int64_t pl) {
+  return MaxPool<true>(pool, x.typed_data(), x.dimensions(), y->typed_data(), y->dimensions(),
+                       index->typed_data(), kh, kw, sh, sw, pt, pl);
+}
+
+// dx[b] = scatter-add of dy[b] onto each output's argmax tap; one item per image.
+ffi::Error MaxPoolGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
+                           ffi::Buffer<ffi::U8> index, ffi::ResultBuffer<ffi::F32> dx,
+                           int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t pt,
+                           int64_t pl) {
+  const Geometry g = MakeGeometry(dx->dimensions(), dy.dimensions(), kh, kw, sh, sw, pt, pl, 1, 1);
+  const float* dyp = dy.typed_data();
+  const uint8_t* ip = index.typed_data();
+  float* dxp = dx->typed_data();
+  ParallelFor(pool, g.n, [&](int64_t b) {
+    float* img = dxp + b * g.h * g.w * g.c;
+    std::fill(img, img + g.h * g.w * g.c, 0.0f);
+    for (int64_t r = 0; r < g.oh; ++r) {
+      for (int64_t q = 0; q < g.ow; ++q) {
+        const int64_t o = ((b * g.oh + r) * g.ow + q) * g.c;
+        for (int64_t c = 0; c < g.c; ++c) {
+          const uint8_t tap = ip[o + c];
+          if (tap == 255) continue;  // An all-padding window: no input to credit.
+          const int64_t ih = g.InRow(r, tap / g.kw), iw = g.InCol(q, tap % g.kw);
+          img[(ih * g.w + iw) * g.c + c] += dyp[o + c];
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define TLFLAX_CONV_ATTRS                                                              \
+  .Attr<int64_t>("stride_h").Attr<int64_t>("stride_w").Attr<int64_t>("pad_top")        \
+      .Attr<int64_t>("pad_left").Attr<int64_t>("dilation_h").Attr<int64_t>("dilation_w")
+#define TLFLAX_POOL_ATTRS                                                              \
+  .Attr<int64_t>("window_h").Attr<int64_t>("window_w").Attr<int64_t>("stride_h")       \
+      .Attr<int64_t>("stride_w").Attr<int64_t>("pad_top").Attr<int64_t>("pad_left")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxDepthwiseForward, DepthwiseForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() TLFLAX_CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxDepthwiseInputGrad, DepthwiseInputGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() TLFLAX_CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxDepthwiseWeightGrad, DepthwiseWeightGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() TLFLAX_CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxMaxPool, MaxPoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() TLFLAX_POOL_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxMaxPoolWithIndex, MaxPoolWithIndexImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U8>>() TLFLAX_POOL_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxMaxPoolGrad, MaxPoolGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() TLFLAX_POOL_ATTRS);
+
+// The Python module: `targets()` maps each FFI target name to its handler capsule.
+namespace {
+
+PyObject* Targets(PyObject*, PyObject*) {
+  struct Entry {
+    const char* name;
+    void* handler;
+  };
+  const Entry entries[] = {
+      {"tlflax_depthwise_forward", reinterpret_cast<void*>(TlflaxDepthwiseForward)},
+      {"tlflax_depthwise_input_grad", reinterpret_cast<void*>(TlflaxDepthwiseInputGrad)},
+      {"tlflax_depthwise_weight_grad", reinterpret_cast<void*>(TlflaxDepthwiseWeightGrad)},
+      {"tlflax_max_pool", reinterpret_cast<void*>(TlflaxMaxPool)},
+      {"tlflax_max_pool_with_index", reinterpret_cast<void*>(TlflaxMaxPoolWithIndex)},
+      {"tlflax_max_pool_grad", reinterpret_cast<void*>(TlflaxMaxPoolGrad)},
+  };
+  PyObject* dict = PyDict_New();
+  if (dict == nullptr) return nullptr;
+  for (const Entry& e : entries) {
+    PyObject* capsule = PyCapsule_New(e.handler, nullptr, nullptr);
+    if (capsule == nullptr || PyDict_SetItemString(dict, e.name, capsule) != 0) {
+      Py_XDECREF(capsule);
+      Py_DECREF(dict);
+      return nullptr;
+    }
+    Py_DECREF(capsule);
+  }
+  return dict;
+}
+
+PyMethodDef kMethods[] = {
+    {"targets", Targets, METH_NOARGS, "FFI target name -> XLA FFI handler capsule."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu_kernels",
+                       "tlflax's XLA FFI CPU kernels (see tlflax/ops/kernels.py).", -1, kMethods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__cpu_kernels() { return PyModule_Create(&kModule); }

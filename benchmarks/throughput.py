@@ -139,6 +139,17 @@ def depthwise_impl() -> str:
   return fn() if fn else "lax"
 
 
+def op_impls() -> dict:
+  """Which implementation each of tlflax's per-platform ops uses in this run."""
+  impls = {"depthwise": depthwise_impl()}
+  for name, module in (("conv", "tlflax.ops.conv"), ("max_pool", "tlflax.ops.pooling")):
+    try:
+      impls[name] = importlib.import_module(module).default_impl()
+    except (ImportError, AttributeError):
+      impls[name] = "lax"
+  return impls
+
+
 def machine_info(xla: dict, torch_threads) -> dict:
   import jax
   cpus = affinity()
@@ -151,7 +162,7 @@ def machine_info(xla: dict, torch_threads) -> dict:
                    "optax": version("optax"), "torch": version("torch"),
                    "torchvision": version("torchvision"),
                    "tensorflow": version("tensorflow", "tensorflow-cpu")},
-      **xla, "depthwise_impl": depthwise_impl(),
+      **xla, "depthwise_impl": depthwise_impl(), "op_impls": op_impls(),
       "threads": {"torch_intra_op": torch_threads[0] if torch_threads else None,
                   "torch_inter_op": torch_threads[1] if torch_threads else None,
                   # XLA sizes its CPU pool from the affinity mask (tsl MaxParallelism).
@@ -222,10 +233,15 @@ def with_bn_mode(module, bn_mode: str, labels):
   return module
 
 
-def flops_of(compiled):
-  """XLA's own count; None where the backend gives none (loop bodies count once)."""
+def flops_of(fn, *args):
+  """XLA's own count for `fn` traced with lax's ops (it does not see inside tlflax's
+  compiled kernels, which are custom calls); None where the backend gives none
+  (loop bodies count once)."""
+  import jax
+  from tlflax.ops import platform
   try:
-    cost = compiled.cost_analysis()
+    with platform.lax_ops():
+      cost = jax.jit(fn).lower(*args).compile().cost_analysis()
   except Exception:  # pylint: disable=broad-except
     return None
   if isinstance(cost, (list, tuple)):
@@ -262,19 +278,20 @@ def tlflax_runner(name: str, mode: str, batch: int, res: int):
     compiled, seconds = compile_timed(lambda v, x: module.apply(v, x, train=False),
                                       variables, data["image"], donate=False)
     return (lambda: jax.block_until_ready(compiled(variables, data["image"])),
-            seconds, flops_of(compiled))
+            seconds, flops_of(lambda v, x: module.apply(v, x, train=False), variables,
+                              data["image"]))
   cfg = train_config()
   tx, labels, _ = optim.make(cfg.optim, variables["params"], 1000)
   module = with_bn_mode(module, cfg.model.bn_mode, labels)
   state = [steps.create_state(variables, tx)]
-  compiled, seconds = compile_timed(steps.make_train_step(module, tx, labels), state[0], data,
-                                    donate=True)
+  train_step = steps.make_train_step(module, tx, labels)
+  compiled, seconds = compile_timed(train_step, state[0], data, donate=True)
 
   def step():
     state[0], metrics = compiled(state[0], data)
     jax.block_until_ready((state[0], metrics))
 
-  return step, seconds, flops_of(compiled)
+  return step, seconds, flops_of(train_step, state[0], data)
 
 
 # ---------------------------------------------------------------- torch side
@@ -453,7 +470,10 @@ def cell(row, key, fmt) -> str:
 def print_table(result: dict) -> None:
   m = result["machine"]
   print(f"# {m['cpu_model']}, {m['affinity_count']} CPUs in affinity, jax {m['versions']['jax']}, "
-        f"torch {m['versions']['torch']}, depthwise={m['depthwise_impl']}, "
+        f"torch {m['versions']['torch']}, "
+        + ", ".join(f"{k}={v}" for k, v in m.get("op_impls",
+                                                  {"depthwise": m["depthwise_impl"]}).items())
+        + ", "
         f"XLA_FLAGS={m['xla_flags']!r}")
   print(f"# medians of {result['args']['repeats']} steps; matmul peak "
         f"{m['matmul_peak_gflops']:.1f} GFLOP/s (float32 {MATMUL_N}^3)")

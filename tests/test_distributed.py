@@ -3,9 +3,14 @@
 Every run is the real command, `python -m tlflax.main`, on a tiny digits config
 (random MobileNetV2 x0.25, 32 px, global batch 16, BatchNorm in train mode so
 its statistics are a cross-process reduction too; the last stages and head
-trained with momentum SGD at a constant 0.01: gentle enough that rounding
-differences are not amplified chaotically, as they are at lr 0.05 with every
-stage trained, where 1 vs 2 devices drift from 6e-7 to 7e-3 in three steps).
+trained with momentum SGD at a constant 0.01). This random-init net amplifies
+rounding: at lr 0.05 with every stage trained, 1 vs 2 devices drift from 6e-7 to
+7e-3 in three steps; here, one device with the compiled depthwise kernel vs
+one device with the pure-JAX "shifted" one (same batch, only the order of the
+weight-gradient sums differs) measured 3.3e-7, 2.0e-5, 2.1e-4 at steps 1-3.
+So against the one-device reference, step 1 (one step of rounding) must agree
+to 1e-5 and later steps to 1e-3; a real error (a wrong batch split, a lost
+gradient) shows at step 1 already.
 The two-process job trains 2 steps, stops, and is started again to step 3, so
 its final parameters also went through an orbax save and restore done by both
 processes together.
@@ -169,21 +174,27 @@ def relative_difference(a, b, prefix=""):
   return float(np.linalg.norm(va - vb) / np.linalg.norm(vb))
 
 
-def worst_over_steps(run, reference):
-  """The largest relative difference over the checkpoints of steps 1..STEPS."""
+def differences_by_step(run, reference):
+  """Relative differences (everything, parameters only) at steps 1..STEPS."""
   pairs = [(saved_state(run, s), saved_state(reference, s)) for s in range(1, STEPS + 1)]
-  return (max(relative_difference(a, b) for a, b in pairs),
-          max(relative_difference(a, b, "params/") for a, b in pairs))
+  return ([relative_difference(a, b) for a, b in pairs],
+          [relative_difference(a, b, "params/") for a, b in pairs])
+
+
+def assert_rounding_only(everything, label):
+  """Step 1 within float32 rounding; later steps within the net's amplification of it."""
+  print(f"{label}: relative difference at steps 1-{STEPS} (parameters and BatchNorm "
+        f"statistics): {', '.join(f'{d:.2e}' for d in everything)}")
+  assert everything[0] <= 1e-5
+  assert max(everything) <= 1e-3
 
 
 def test_two_processes_match_one_process(runs):
   info = json.loads((runs["two"] / "run_info.json").read_text())
   assert info["effective"]["process_count"] == 2 and info["effective"]["device_count"] == 2
   assert info["effective"]["local_batch_size"] == 8  # Each process reads half the batch.
-  everything, params = worst_over_steps(runs["two"], runs["one"])
-  print(f"two processes vs one process: max relative difference over steps 1-{STEPS}: "
-        f"{everything:.2e} (parameters and BatchNorm statistics), {params:.2e} (parameters)")
-  assert everything <= 1e-5
+  everything, _ = differences_by_step(runs["two"], runs["one"])
+  assert_rounding_only(everything, "two processes vs one process")
   two, first = saved_state(runs["two"], STEPS), saved_state(runs["two"], 1)
   assert relative_difference(two, first, "params/") > 1e-4  # The steps really trained.
   # Metrics: written once, by process 0; eval over every val image once.
@@ -206,10 +217,8 @@ def test_two_processes_equal_two_local_devices_bit_for_bit(runs):
 
 
 def test_two_local_devices_match_one_device(runs):
-  everything, params = worst_over_steps(runs["fake2"], runs["one"])
-  print(f"two local devices vs one: max relative difference over steps 1-{STEPS}: "
-        f"{everything:.2e} (all), {params:.2e} (parameters)")
-  assert everything <= 1e-5
+  everything, _ = differences_by_step(runs["fake2"], runs["one"])
+  assert_rounding_only(everything, "two local devices vs one")
 
 
 # Settings: config first, then TLFLAX_* variables, then JAX's own detection.

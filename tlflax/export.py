@@ -26,7 +26,6 @@ NMS has a data-dependent output size.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -63,27 +62,16 @@ class Servable:
                 "preprocessing": model.info.get("preprocessing")})
 
 
-@contextlib.contextmanager
 def portable_ops():
-  """Depthwise convolutions and max pools as lax ops while tracing for export.
+  """tlflax's ops as lax ops while tracing for export (`tlflax.ops.platform.lax_ops`).
 
-  tlflax's CPU fast paths are CPU-only choices: "shifted" depthwise
-  (`tlflax.ops.depthwise`) loops over batch chunks, which needs a concrete batch
-  size, and the "ffi" kernels are custom calls that `jax.export` cannot
-  serialize. The artifact should run well anywhere, with a symbolic batch.
+  The CPU fast paths are CPU-only choices: the compiled kernels are custom calls
+  that `jax.export` cannot serialize, and the "shifted" depthwise loops over
+  batch chunks, which needs a concrete batch size. The artifact should run well
+  anywhere, with a symbolic batch.
   """
-  from tlflax.ops import depthwise, pooling  # pylint: disable=g-import-not-at-top
-  names = (depthwise.ENV_VAR, pooling.ENV_VAR)
-  before = {name: os.environ.get(name) for name in names}
-  os.environ.update({name: "lax" for name in names})
-  try:
-    yield
-  finally:
-    for name, value in before.items():
-      if value is None:
-        del os.environ[name]
-      else:
-        os.environ[name] = value
+  from tlflax.ops import platform  # pylint: disable=g-import-not-at-top
+  return platform.lax_ops()
 
 
 def serving_function(model: Servable) -> Callable:

@@ -11,6 +11,7 @@ import pytest  # noqa: E402
 from jax import lax  # noqa: E402
 
 from tlflax.ops import conv as conv_ops  # noqa: E402
+from tlflax.ops import kernels  # noqa: E402
 
 TOL = 1e-5
 DN = ("NHWC", "HWIO", "NHWC")
@@ -89,9 +90,66 @@ def test_bad_impl_is_named(monkeypatch):
     conv_ops.default_impl()
 
 
-def test_default_is_gemm_on_cpu(monkeypatch):
+def test_default_on_cpu_is_ffi_where_built_else_gemm(monkeypatch):
   monkeypatch.delenv(conv_ops.ENV_VAR, raising=False)
-  assert conv_ops.default_impl() == ("gemm" if jax.default_backend() == "cpu" else "lax")
+  cpu = "ffi" if kernels.available() else "gemm"
+  assert conv_ops.default_impl() == (cpu if jax.default_backend() == "cpu" else "lax")
+
+
+needs_kernels = pytest.mark.skipif(not kernels.available(),
+                                   reason=f"CPU kernels: {kernels.unavailable_reason()}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape,k,cout,strides,padding", [
+    ((2, 9, 9, 16), 3, 32, (1, 1), ((1, 1), (1, 1))),  # Stride 1: all three by the kernel.
+    ((2, 10, 9, 16), 3, 48, (2, 2), ((1, 1), (1, 1))),  # Stride 2: lax's input gradient.
+    ((2, 15, 14, 3), 7, 64, (2, 2), ((3, 3), (3, 3))),  # ResNet's stem: lax forward.
+    ((3, 8, 7, 32), 5, 16, (1, 1), ((2, 1), (0, 3))),  # 5x5, asymmetric padding.
+    ((2, 7, 7, 70), 3, 80, (1, 1), ((1, 1), (1, 1))),  # Channels not multiples of 64.
+    ((2, 6, 6, 20), 3, 16, (1, 2), ((0, 1), (1, 0))),  # Mixed strides, 20 input channels.
+    ((2, 6, 6, 8), 3, 12, (1, 1), ((1, 1), (1, 1))),  # 12 outputs: lax's path entirely.
+    ((2, 9, 9, 8), 1, 16, (2, 2), ((0, 0), (0, 0))),  # 1x1: the GEMM path.
+])
+def test_ffi_matches_lax(monkeypatch, shape, k, cout, strides, padding):
+  monkeypatch.setenv(conv_ops.ENV_VAR, "ffi")
+  x, kernel = _normal(shape, 0), _normal((k, k, shape[-1], cout), 1)
+  got = _fwd_and_grads(conv_ops.conv_general_dilated, x, kernel, strides, padding)
+  want = _fwd_and_grads(lax.conv_general_dilated, x, kernel, strides, padding)
+  for name, g, w in zip(("y", "dx", "dkernel"), got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    assert _rel(g, w) < TOL, (name, _rel(g, w))
+
+
+@needs_kernels
+@pytest.mark.parametrize("strides,convolutions", [((1, 1), 0), ((2, 2), 1)])
+def test_ffi_replaces_convolutions(monkeypatch, strides, convolutions):
+  """3x3: forward, weight gradient and (at stride 1) input gradient are kernel calls;
+  only a strided input gradient is left to XLA's convolution."""
+  monkeypatch.setenv(conv_ops.ENV_VAR, "ffi")
+  x, kernel = _normal((2, 8, 8, 16), 0), _normal((3, 3, 16, 16), 1)
+  loss = lambda x, k: jnp.sum(conv_ops.conv_general_dilated(
+      x, k, strides, ((1, 1), (1, 1)), dimension_numbers=DN) ** 2)
+  hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, kernel).as_text()
+  assert hlo.count("stablehlo.convolution") == convolutions
+  assert hlo.count("tlflax_conv_forward") == (2 if strides == (1, 1) else 1)
+  assert hlo.count("tlflax_conv_weight_grad") == 1
+
+
+@needs_kernels
+def test_ffi_through_nn_conv_bf16(monkeypatch):
+  monkeypatch.setenv(conv_ops.ENV_VAR, "ffi")
+  x = _normal((2, 6, 6, 16), 0)
+  make = lambda **kw: nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                              dtype=jnp.bfloat16, **kw)
+  ours, ref = make(conv_general_dilated=conv_ops.conv_general_dilated), make()
+  params = ref.init(jax.random.key(0), x)
+  y = ours.apply(params, x)
+  assert y.dtype == jnp.bfloat16 and _rel(y, ref.apply(params, x)) < 1e-2
+  loss = lambda m: lambda p: jnp.sum(m.apply(p, x).astype(jnp.float32) ** 2)
+  k_ours = jax.grad(loss(ours))(params)["params"]["kernel"]
+  k_ref = jax.grad(loss(ref))(params)["params"]["kernel"]
+  assert k_ours.dtype == jnp.float32 and _rel(k_ours, k_ref) < 2e-2
 
 
 def test_nn_conv_bf16_and_params_unchanged(monkeypatch):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tlflax.ops import depthwise, kernels
+from tlflax.ops import conv, depthwise, kernels
 
 
 def test_kernels_are_built_where_they_should_be():
@@ -40,6 +40,22 @@ def test_ffi_depthwise_gradients_are_bit_identical_run_to_run():
   for _ in range(3):
     again = jax.jit(grads)(x + 0.0, kernel)
     for a, b in zip(first, again):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.skipif(not kernels.available(), reason=f"CPU kernels: {kernels.unavailable_reason()}")
+@pytest.mark.parametrize("cin,cout", [(16, 32), (256, 256)])  # dW split by rows / by channels.
+def test_ffi_conv_gradients_are_bit_identical_run_to_run(monkeypatch, cin, cout):
+  monkeypatch.setenv(conv.ENV_VAR, "ffi")
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(4, 6, 6, cin), jnp.float32)
+  kernel = jnp.asarray(rng.randn(3, 3, cin, cout) * 0.1, jnp.float32)
+  loss = lambda x, k: jnp.sum(jnp.sin(conv.conv_general_dilated(
+      x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))))
+  grads = jax.jit(jax.grad(loss, (0, 1)))
+  first = grads(x, kernel)
+  for _ in range(3):
+    for a, b in zip(first, grads(x + 0.0, kernel)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -310,6 +310,299 @@ ffi::Error DepthwiseWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
   return ffi::Error::Success();
 }
 
+// Weight gradient of a dense (ungrouped) NHWC/HWIO convolution with a k x k kernel:
+//   dw[i, j, a, b] = sum over output pixels p of x[p's input pixel for tap (i, j), a] * dy[p, b],
+// a product over the long pixel axis into a small (ci x co) matrix per tap. XLA
+// computes it as a convolution that needs both operands transposed first; here it
+// is register-tiled outer products straight from the NHWC rows: kMr input
+// channels (broadcast) times up to 64 output channels (four vectors) per tile,
+// accumulated over a chunk of output rows that stays in L2 cache.
+
+// One contiguous run of output pixels for one kernel tap.
+struct Segment {
+  const float* x;  // The input pixel the first output pixel reads, at channel 0.
+  const float* dy;  // The first output pixel's gradient, at channel 0.
+  int64_t len;
+};
+
+constexpr int kMr = 6;  // Input channels per tile: 6 x 4 accumulators + 4 loads + 1 broadcast.
+
+template <int MR, int NV>
+inline __attribute__((always_inline)) void WeightGradTile(const Segment* segs, int64_t nsegs,
+                                                          int64_t xstep, int64_t co,
+                                                          int64_t a0, int64_t b0, float* out) {
+  Vec acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = Load(out + m * co + v * kLanes);
+  for (int64_t s = 0; s < nsegs; ++s) {
+    const float* xp = segs[s].x + a0;
+    const float* dp = segs[s].dy + b0;
+    for (int64_t p = 0; p < segs[s].len; ++p, xp += xstep, dp += co) {
+      Vec d[NV];
+      for (int v = 0; v < NV; ++v) d[v] = Load(dp + v * kLanes);
+      for (int m = 0; m < MR; ++m) {
+        const float xm = xp[m];
+        for (int v = 0; v < NV; ++v) acc[m][v] += d[v] * xm;
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) Store(out + m * co + v * kLanes, acc[m][v]);
+}
+
+template <int MR>
+inline __attribute__((always_inline)) void WeightGradTiles(const Segment* segs, int64_t nsegs,
+                                                           int64_t xstep, int64_t co,
+                                                           int64_t a0, float* out) {
+  int64_t b0 = 0;
+  for (; b0 + 4 * kLanes <= co; b0 += 4 * kLanes)
+    WeightGradTile<MR, 4>(segs, nsegs, xstep, co, a0, b0, out + a0 * co + b0);
+  switch ((co - b0) / kLanes) {
+    case 3: WeightGradTile<MR, 3>(segs, nsegs, xstep, co, a0, b0, out + a0 * co + b0); break;
+    case 2: WeightGradTile<MR, 2>(segs, nsegs, xstep, co, a0, b0, out + a0 * co + b0); break;
+    case 1: WeightGradTile<MR, 1>(segs, nsegs, xstep, co, a0, b0, out + a0 * co + b0); break;
+    default: break;
+  }
+}
+
+struct ConvGeometry {
+  Geometry g;  // g.c is the input channels.
+  int64_t co;
+};
+
+// Adds output rows [r0, r1) (flattened (n, oh)) into acc (kh * kw * ci * co floats),
+// for input channels [a_lo, a_hi) only.
+TLFLAX_CLONES void ConvWeightGradRows(const ConvGeometry& cg, const float* x, const float* dy,
+                                      float* acc, int64_t r0, int64_t r1, int64_t a_lo,
+                                      int64_t a_hi) {
+  const Geometry& g = cg.g;
+  const int64_t ci = g.c, co = cg.co;
+  std::vector<Segment> segs(r1 - r0);
+  for (int64_t i = 0; i < g.kh; ++i) {
+    for (int64_t j = 0; j < g.kw; ++j) {
+      const int64_t off = j * g.dw - g.pl;  // Input column of output column 0 for tap j.
+      const int64_t first = off >= 0 ? 0 : (-off + g.sw - 1) / g.sw;
+      const int64_t last = g.w - 1 - off < 0 ? -1 : std::min(g.ow - 1, (g.w - 1 - off) / g.sw);
+      if (last < first) continue;
+      int64_t nsegs = 0;
+      for (int64_t t = r0; t < r1; ++t) {
+        const int64_t b = t / g.oh, r = t % g.oh, ih = g.InRow(r, i);
+        if (ih < 0 || ih >= g.h) continue;
+        segs[nsegs++] = Segment{x + ((b * g.h + ih) * g.w + first * g.sw + off) * ci,
+                                dy + ((b * g.oh + r) * g.ow + first) * co, last - first + 1};
+      }
+      if (nsegs == 0) continue;
+      float* out = acc + (i * g.kw + j) * ci * co;
+      const int64_t xstep = g.sw * ci;
+      int64_t a0 = a_lo;
+      for (; a0 + kMr <= a_hi; a0 += kMr)
+        WeightGradTiles<kMr>(segs.data(), nsegs, xstep, co, a0, out);
+      switch (a_hi - a0) {
+        case 5: WeightGradTiles<5>(segs.data(), nsegs, xstep, co, a0, out); break;
+        case 4: WeightGradTiles<4>(segs.data(), nsegs, xstep, co, a0, out); break;
+        case 3: WeightGradTiles<3>(segs.data(), nsegs, xstep, co, a0, out); break;
+        case 2: WeightGradTiles<2>(segs.data(), nsegs, xstep, co, a0, out); break;
+        case 1: WeightGradTiles<1>(segs.data(), nsegs, xstep, co, a0, out); break;
+        default: break;
+      }
+    }
+  }
+}
+
+// Work split. A small dW (early layers: many pixels, few channels) is split by
+// output rows, each part summing into its own copy, added in order at the end. A
+// large dW (late layers: few pixels, many channels) is split by input channels
+// instead: each part owns its slice of dW outright, no copies, nothing to add.
+// Either way a chunk of rows whose input and gradient fit in L2 is swept by every
+// tile before the next chunk. Both depend only on the shapes: results do not
+// depend on the thread count.
+constexpr int64_t kSplitRowsMaxBytes = 2 << 20;
+constexpr int64_t kMaxParts = 16;
+constexpr int64_t kChunkBytes = 512 << 10;  // 256 KiB to 1 MiB measured alike.
+
+ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dw,
+                              int64_t sh, int64_t sw, int64_t pt, int64_t pl, int64_t dh,
+                              int64_t dwl) {
+  auto wd = dw->dimensions();  // (kh, kw, ci, co)
+  const ConvGeometry cg{MakeGeometry(x.dimensions(), dy.dimensions(), wd[0], wd[1], sh, sw, pt,
+                                     pl, dh, dwl),
+                        wd[3]};
+  const Geometry& g = cg.g;
+  if (wd[2] != g.c || dy.dimensions()[3] != cg.co || cg.co % kLanes != 0) {
+    return ffi::Error::InvalidArgument(
+        "tlflax conv weight gradient: shapes disagree, or output channels not a multiple of 16");
+  }
+  const int64_t rows = g.n * g.oh;
+  const int64_t size = g.kh * g.kw * g.c * cg.co;
+  const int64_t row_bytes = g.ow * (g.c * g.sw + cg.co) * 4;
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, row_bytes));
+  float* out = dw->typed_data();
+  const float* xp = x.typed_data();
+  const float* dyp = dy.typed_data();
+  if (size * 4 > kSplitRowsMaxBytes) {
+    const int64_t blocks = (g.c + kMr - 1) / kMr;
+    const int64_t parts = std::min(blocks, kMaxParts);
+    std::fill(out, out + size, 0.0f);
+    ParallelFor(pool, parts, [&](int64_t part) {
+      const int64_t a_lo = kMr * (blocks * part / parts);
+      const int64_t a_hi = std::min(g.c, kMr * (blocks * (part + 1) / parts));
+      for (int64_t r = 0; r < rows; r += chunk) {
+        ConvWeightGradRows(cg, xp, dyp, out, r, std::min(rows, r + chunk), a_lo, a_hi);
+      }
+    });
+    return ffi::Error::Success();
+  }
+  const int64_t parts = std::max<int64_t>(1, std::min(rows, kMaxParts));
+  std::vector<float> extra((parts - 1) * size);
+  ParallelFor(pool, parts, [&](int64_t part) {
+    float* acc = part == 0 ? out : extra.data() + (part - 1) * size;
+    std::fill(acc, acc + size, 0.0f);
+    const int64_t end = rows * (part + 1) / parts;
+    for (int64_t r = rows * part / parts; r < end; r += chunk) {
+      ConvWeightGradRows(cg, xp, dyp, acc, r, std::min(end, r + chunk), 0, g.c);
+    }
+  });
+  if (parts > 1) {  // Sum the parts in order, in slices across the pool.
+    const int64_t slices = std::min<int64_t>(16, size);
+    ParallelFor(pool, slices, [&](int64_t s) {
+      const int64_t lo = size * s / slices, hi = size * (s + 1) / slices;
+      for (int64_t part = 1; part < parts; ++part) {
+        const float* src = extra.data() + (part - 1) * size;
+        for (int64_t e = lo; e < hi; ++e) out[e] += src[e];
+      }
+    });
+  }
+  return ffi::Error::Success();
+}
+
+// Forward of a dense NHWC/HWIO convolution (k x k, output channels a multiple of 16):
+//   y[p, b] = sum over taps (i, j) and input channels a of x[p's input pixel for (i, j), a] * w[i, j, a, b],
+// a GEMM with the im2col matrix never formed. A tile is kMr consecutive output
+// pixels (flattened over n, oh, ow, so a tile may span rows) times up to 64 output
+// channels, held in registers across a block of kKc input channels for every tap.
+// A tap that falls outside the input for some pixel of the tile reads a row of
+// zeros for that pixel; a tap outside for all of them is skipped. The weight block
+// (taps x kKc x 64) stays in L2 while a group of tiles runs through it. With
+// flipped, transposed weights the same kernel is a stride-1 input gradient.
+
+constexpr int64_t kKc = 64;  // Input channels per weight block.
+constexpr int64_t kGroupPixels = 96;  // Output pixels per work item.
+alignas(64) const float kZeros[kKc] = {};
+
+template <int MR, int NV>
+inline __attribute__((always_inline)) void ConvTile(const float* const* xs,
+                                                    const float* const* ws, int64_t taps,
+                                                    int64_t kc, int64_t co, float* y,
+                                                    bool zero) {
+  Vec acc[MR][NV];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = zero ? Vec{} : Load(y + m * co + v * kLanes);
+  for (int64_t t = 0; t < taps; ++t) {
+    const float* const* xp = xs + t * kMr;
+    const float* wp = ws[t];
+    for (int64_t a = 0; a < kc; ++a, wp += co) {
+      Vec wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = Load(wp + v * kLanes);
+      for (int m = 0; m < MR; ++m) {
+        const float xm = xp[m][a];
+        for (int v = 0; v < NV; ++v) acc[m][v] += wv[v] * xm;
+      }
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < NV; ++v) Store(y + m * co + v * kLanes, acc[m][v]);
+}
+
+template <int NV>
+inline __attribute__((always_inline)) void ConvTileMr(int mr, const float* const* xs,
+                                                      const float* const* ws, int64_t taps,
+                                                      int64_t kc, int64_t co, float* y,
+                                                      bool zero) {
+  switch (mr) {
+    case 6: ConvTile<6, NV>(xs, ws, taps, kc, co, y, zero); break;
+    case 5: ConvTile<5, NV>(xs, ws, taps, kc, co, y, zero); break;
+    case 4: ConvTile<4, NV>(xs, ws, taps, kc, co, y, zero); break;
+    case 3: ConvTile<3, NV>(xs, ws, taps, kc, co, y, zero); break;
+    case 2: ConvTile<2, NV>(xs, ws, taps, kc, co, y, zero); break;
+    default: ConvTile<1, NV>(xs, ws, taps, kc, co, y, zero); break;
+  }
+}
+
+// Output pixels [p0, p1) (flattened (n, oh, ow)), channels [b0, b0 + 16 * nv), input
+// channels [a0, a0 + kc); adds to y unless `zero` (the first input block).
+TLFLAX_CLONES void ConvForwardPixels(const ConvGeometry& cg, const float* x, const float* w,
+                                     float* y, int64_t p0, int64_t p1, int64_t b0, int nv,
+                                     int64_t a0, int64_t kc, bool zero) {
+  const Geometry& g = cg.g;
+  const int64_t ci = g.c, co = cg.co;
+  const float* xs[kMaxTaps * kMr];
+  const float* ws[kMaxTaps];
+  int64_t img[kMr], row[kMr], col[kMr];
+  for (int64_t p = p0; p < p1; p += kMr) {
+    const int mr = static_cast<int>(std::min<int64_t>(kMr, p1 - p));
+    for (int m = 0; m < mr; ++m) {
+      img[m] = (p + m) / (g.oh * g.ow);
+      row[m] = (p + m) / g.ow % g.oh;
+      col[m] = (p + m) % g.ow;
+    }
+    int64_t taps = 0;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      for (int64_t j = 0; j < g.kw; ++j) {
+        bool any = false;
+        for (int m = 0; m < mr; ++m) {
+          const int64_t ih = g.InRow(row[m], i), iw = g.InCol(col[m], j);
+          const bool inside = ih >= 0 && ih < g.h && iw >= 0 && iw < g.w;
+          xs[taps * kMr + m] = inside ? x + ((img[m] * g.h + ih) * g.w + iw) * ci + a0 : kZeros;
+          any |= inside;
+        }
+        if (!any) continue;
+        ws[taps++] = w + ((i * g.kw + j) * ci + a0) * co + b0;
+      }
+    }
+    float* yp = y + p * co + b0;
+    // Dispatched here, not in a helper lambda: the tiles must inline into this
+    // function's per-ISA clones.
+    switch (nv) {
+      case 4: ConvTileMr<4>(mr, xs, ws, taps, kc, co, yp, zero); break;
+      case 3: ConvTileMr<3>(mr, xs, ws, taps, kc, co, yp, zero); break;
+      case 2: ConvTileMr<2>(mr, xs, ws, taps, kc, co, yp, zero); break;
+      default: ConvTileMr<1>(mr, xs, ws, taps, kc, co, yp, zero); break;
+    }
+  }
+}
+
+ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t sh,
+                           int64_t sw, int64_t pt, int64_t pl, int64_t dh, int64_t dwl) {
+  auto wd = w.dimensions();  // (kh, kw, ci, co)
+  const ConvGeometry cg{MakeGeometry(x.dimensions(), y->dimensions(), wd[0], wd[1], sh, sw, pt,
+                                     pl, dh, dwl),
+                        wd[3]};
+  const Geometry& g = cg.g;
+  if (wd[2] != g.c || y->dimensions()[3] != cg.co || cg.co % kLanes != 0 ||
+      g.kh * g.kw > kMaxTaps) {
+    return ffi::Error::InvalidArgument(
+        "tlflax conv forward: shapes disagree, output channels not a multiple of 16, or "
+        "more than 7x7 taps");
+  }
+  const int64_t pixels = g.n * g.oh * g.ow;
+  const int64_t groups = (pixels + kGroupPixels - 1) / kGroupPixels;
+  const int64_t cblocks = (cg.co + 4 * kLanes - 1) / (4 * kLanes);
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  ParallelFor(pool, groups * cblocks, [&](int64_t item) {
+    const int64_t p0 = (item / cblocks) * kGroupPixels, b0 = (item % cblocks) * 4 * kLanes;
+    const int nv = static_cast<int>(std::min<int64_t>(4, (cg.co - b0) / kLanes));
+    for (int64_t a0 = 0; a0 < g.c; a0 += kKc) {
+      ConvForwardPixels(cg, xp, wp, yp, p0, std::min(pixels, p0 + kGroupPixels), b0, nv, a0,
+                        std::min(kKc, g.c - a0), a0 == 0);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // Max pooling over (kh, kw) windows, padding counted as -inf. Writes the max and,
 // when `index` is given, the window tap (i * kw + j) it came from: the first
 // maximum in row-major tap order, or the first NaN (which propagates, as in lax).
@@ -429,6 +722,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxDepthwiseWeightGrad, DepthwiseWeightGradImpl
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() TLFLAX_CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxConvForward, ConvForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() TLFLAX_CONV_ATTRS);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxConvWeightGrad, ConvWeightGradImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() TLFLAX_CONV_ATTRS);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxMaxPool, MaxPoolImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -459,6 +764,8 @@ PyObject* Targets(PyObject*, PyObject*) {
       {"tlflax_depthwise_forward", reinterpret_cast<void*>(TlflaxDepthwiseForward)},
       {"tlflax_depthwise_input_grad", reinterpret_cast<void*>(TlflaxDepthwiseInputGrad)},
       {"tlflax_depthwise_weight_grad", reinterpret_cast<void*>(TlflaxDepthwiseWeightGrad)},
+      {"tlflax_conv_forward", reinterpret_cast<void*>(TlflaxConvForward)},
+      {"tlflax_conv_weight_grad", reinterpret_cast<void*>(TlflaxConvWeightGrad)},
       {"tlflax_max_pool", reinterpret_cast<void*>(TlflaxMaxPool)},
       {"tlflax_max_pool_with_index", reinterpret_cast<void*>(TlflaxMaxPoolWithIndex)},
       {"tlflax_max_pool_grad", reinterpret_cast<void*>(TlflaxMaxPoolGrad)},

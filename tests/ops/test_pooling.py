@@ -12,6 +12,7 @@ pytestmark = pytest.mark.skipif(not kernels.available(),
 
 CASES = [  # (x shape, window, strides, padding)
     ((2, 11, 13, 5), (3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem pool, odd sizes
+    ((2, 11, 13, 37), (3, 3), (2, 2), ((1, 1), (1, 1))),  # Two 16-channel vectors and 5 more
     ((2, 8, 8, 3), (2, 2), (2, 2), "VALID"),  # VGG
     ((1, 9, 9, 20), (3, 3), (2, 2), "VALID"),  # AlexNet / Inception (floor mode)
     ((2, 7, 6, 3), (3, 2), (1, 2), ((1, 0), (0, 1))),  # asymmetric everything

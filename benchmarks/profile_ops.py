@@ -262,7 +262,20 @@ class Classifier:
           name if name.startswith("unattributed") else "other")
     return self.cache[name]
 
+  # tlflax's compiled CPU kernels (tlflax/ops/csrc), by FFI target name.
+  FFI_TARGETS = {"tlflax_conv_weight_grad": CONV_BWD_W, "tlflax_depthwise_forward": DW_FWD,
+                 "tlflax_depthwise_input_grad": DW_BWD, "tlflax_depthwise_weight_grad": DW_BWD,
+                 "tlflax_max_pool": "pooling", "tlflax_max_pool_with_index": "pooling",
+                 "tlflax_max_pool_grad": "pooling"}
+
   def _classify(self, ins):
+    if ins.opcode == "custom-call":
+      target = re.search(r'custom_call_target="([^"]+)"', ins.attrs)
+      target = target.group(1) if target else ""
+      if target == "tlflax_conv_forward":  # Also a stride-1 input gradient.
+        return CONV_BWD_IN if "transpose(" in (ins.op_name or "") else CONV_FWD
+      if target in self.FFI_TARGETS:
+        return self.FFI_TARGETS[target]
     inner = self.inner(ins)
     ops = {ins.opcode} | {i.opcode for i in inner}
     names = [ins.op_name] + [i.op_name for i in inner if i.op_name]
@@ -1060,4 +1073,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  import tlflax  # noqa: F401  First: its import tunes malloc (tlflax.xla_env) for both frameworks.
   main()

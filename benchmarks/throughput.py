@@ -241,6 +241,7 @@ def flops_of(fn, *args):
   from tlflax.ops import platform
   try:
     with platform.lax_ops():
+      jax.clear_caches()  # Traces are cached without the env choice: trace afresh.
       cost = jax.jit(fn).lower(*args).compile().cost_analysis()
   except Exception:  # pylint: disable=broad-except
     return None
@@ -291,7 +292,11 @@ def tlflax_runner(name: str, mode: str, batch: int, res: int):
     state[0], metrics = compiled(state[0], data)
     jax.block_until_ready((state[0], metrics))
 
-  return step, seconds, flops_of(train_step, state[0], data)
+  # 3x the forward (backward = input + weight gradients, each about a forward): XLA's
+  # count of the lax training step would include the C x C dense convolution it
+  # rewrites a depthwise weight gradient into.
+  forward = flops_of(lambda v, x: module.apply(v, x, train=False), variables, data["image"])
+  return step, seconds, 3 * forward if forward else None
 
 
 # ---------------------------------------------------------------- torch side
@@ -526,4 +531,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  import tlflax  # noqa: F401  First: its import tunes malloc (tlflax.xla_env) for both frameworks.
   main()

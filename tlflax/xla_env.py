@@ -75,14 +75,14 @@ def configure(enable_cpu_flags: bool = True) -> str:
 
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
-MALLOC_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1),
+MALLOC_SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1),
                    (_M_TOP_PAD, 1 << 30))
 
 
 def configure_malloc() -> bool:
   """Has glibc keep freed memory for reuse instead of handing it back to the kernel.
 
-  One arena, no mmap for large blocks, trimming only past 2 GiB free and 1 GiB
+  One arena, no mmap for large blocks, no trimming of the heap, and 1 GiB
   of padding per heap growth: the buffers a step frees are the ones the next
   step allocates, without new page faults. The process's resident memory stays
   at its peak instead of shrinking between steps (as with a caching allocator).

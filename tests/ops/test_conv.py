@@ -110,6 +110,7 @@ needs_kernels = pytest.mark.skipif(not kernels.available(),
     ((2, 6, 6, 20), 3, 16, (1, 2), ((0, 1), (1, 0))),  # Mixed strides, 20 input channels.
     ((2, 6, 6, 8), 3, 12, (1, 1), ((1, 1), (1, 1))),  # 12 outputs: lax's path entirely.
     ((2, 9, 9, 8), 1, 16, (2, 2), ((0, 0), (0, 0))),  # 1x1: the GEMM path.
+    ((1, 10, 10, 16), 9, 16, (1, 1), ((4, 4), (4, 4))),  # 9x9: lax forward, kernel dW.
 ])
 def test_ffi_matches_lax(monkeypatch, shape, k, cout, strides, padding):
   monkeypatch.setenv(conv_ops.ENV_VAR, "ffi")

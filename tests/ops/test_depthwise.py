@@ -87,6 +87,12 @@ def test_parity_mixed_strides(small_chunks, impl):
   _assert_parity(x, kernel, (2, 1), ((1, 1), (0, 2)), impl)
 
 
+@pytest.mark.skipif(not kernels.available(), reason=f"CPU kernels: {kernels.unavailable_reason()}")
+def test_ffi_larger_than_7x7_falls_back_to_shifted(small_chunks):
+  x, kernel = _inputs((2, 12, 12, 4), 9)
+  _assert_parity(x, kernel, (1, 1), ((4, 4), (4, 4)), "ffi")
+
+
 def test_grad_under_jit_twice_no_retrace(small_chunks):
   """jax.grad through the custom_vjp in a jitted step; a second call reuses the trace."""
   traces = []

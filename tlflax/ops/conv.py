@@ -110,6 +110,11 @@ def _conv_attrs(strides, top, left):
               dilation_h=1, dilation_w=1)
 
 
+def _kernel_taps_ok(kernel):
+  """The compiled forward handles up to 7x7 taps; larger kernels keep lax's forward."""
+  return kernel.shape[0] * kernel.shape[1] <= 49
+
+
 def _kernel_forward(x, kernel, strides, padding):
   """The compiled kernel's forward (float32 inside, x's dtype out)."""
   (pt, pb), (pl, pr) = padding
@@ -153,7 +158,7 @@ def _wgrad_op(strides, padding, precision, wgrad):
   def forward(x, kernel):
     # Below 16 input channels (a network's first convolution) the kernel's tiles are
     # mostly pointer set-up; Eigen's convolution measured faster there.
-    if wgrad == "ffi" and x.shape[3] >= 16:
+    if wgrad == "ffi" and x.shape[3] >= 16 and _kernel_taps_ok(kernel):
       return _kernel_forward(x, kernel, strides, padding)
     return _forward(x, kernel, strides, padding, precision)
 
@@ -167,7 +172,7 @@ def _wgrad_op(strides, padding, precision, wgrad):
   def bwd(res, dy):
     x, kernel = res
     if wgrad == "ffi":
-      if strides == (1, 1) and x.shape[3] % 16 == 0:
+      if strides == (1, 1) and x.shape[3] % 16 == 0 and _kernel_taps_ok(kernel):
         dx = _kernel_input_grad(dy, kernel, x.shape, padding).astype(x.dtype)
       else:
         dx = jax.vjp(lambda x_: _forward(x_, kernel, strides, padding, precision), x)[1](dy)[0]

@@ -53,6 +53,8 @@ def depthwise_conv2d(x, kernel, *, strides=(1, 1), padding=((1, 1), (1, 1)), dil
   """
   strides, padding, dilation = _normalize(x, kernel, strides, padding, dilation)
   impl = impl or default_impl()
+  if impl == "ffi" and kernel.shape[0] * kernel.shape[1] > 49:
+    impl = "shifted"  # The compiled kernels take up to 7x7 taps.
   if impl == "lax":
     return _lax_conv(x, kernel.astype(x.dtype), strides, padding, dilation)
   if impl == "shifted":

@@ -40,6 +40,15 @@ def _fwd_and_grads(conv, x, kernel, strides, padding):
     return run(x, kernel, dy)
 
 
+def _assert_matches_lax(shape, k, cout, strides, padding):
+  x, kernel = _normal(shape, 0), _normal((k, k, shape[-1], cout), 1)
+  got = _fwd_and_grads(conv_ops.conv_general_dilated, x, kernel, strides, padding)
+  want = _fwd_and_grads(lax.conv_general_dilated, x, kernel, strides, padding)
+  for name, g, w in zip(("y", "dx", "dkernel"), got, want):
+    assert g.shape == w.shape and g.dtype == w.dtype, name
+    assert _rel(g, w) < TOL, (name, _rel(g, w))
+
+
 @pytest.mark.parametrize("shape,k,cout,strides,padding", [
     ((2, 9, 9, 8), 1, 16, (1, 1), ((0, 0), (0, 0))),
     ((2, 9, 9, 8), 1, 16, (2, 2), ((0, 0), (0, 0))),  # ResNet's downsample.
@@ -48,12 +57,7 @@ def _fwd_and_grads(conv, x, kernel, strides, padding):
 ])
 def test_matches_lax(monkeypatch, shape, k, cout, strides, padding):
   monkeypatch.setenv(conv_ops.ENV_VAR, "gemm")
-  x, kernel = _normal(shape, 0), _normal((k, k, shape[-1], cout), 1)
-  got = _fwd_and_grads(conv_ops.conv_general_dilated, x, kernel, strides, padding)
-  want = _fwd_and_grads(lax.conv_general_dilated, x, kernel, strides, padding)
-  for name, g, w in zip(("y", "dx", "dkernel"), got, want):
-    assert g.shape == w.shape and g.dtype == w.dtype, name
-    assert _rel(g, w) < TOL, (name, _rel(g, w))
+  _assert_matches_lax(shape, k, cout, strides, padding)
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -114,12 +118,7 @@ needs_kernels = pytest.mark.skipif(not kernels.available(),
 ])
 def test_ffi_matches_lax(monkeypatch, shape, k, cout, strides, padding):
   monkeypatch.setenv(conv_ops.ENV_VAR, "ffi")
-  x, kernel = _normal(shape, 0), _normal((k, k, shape[-1], cout), 1)
-  got = _fwd_and_grads(conv_ops.conv_general_dilated, x, kernel, strides, padding)
-  want = _fwd_and_grads(lax.conv_general_dilated, x, kernel, strides, padding)
-  for name, g, w in zip(("y", "dx", "dkernel"), got, want):
-    assert g.shape == w.shape and g.dtype == w.dtype, name
-    assert _rel(g, w) < TOL, (name, _rel(g, w))
+  _assert_matches_lax(shape, k, cout, strides, padding)
 
 
 @needs_kernels

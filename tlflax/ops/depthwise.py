@@ -307,29 +307,30 @@ def _backward(x, kernel, dy, strides, padding, dilation):
   return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
-def _make_shifted_op():
+def _make_op(forward, backward):
   """custom_vjp with strides/padding/dilation as static (non-differentiable) arguments.
 
-  Residuals are just x and the kernel: the backward recomputes the padded
-  chunks in cache instead of keeping a padded copy of x alive in memory.
+  Residuals are just x and the kernel: the backward recomputes what it needs
+  (the shifted path its padded chunks, in cache) instead of keeping a padded
+  copy of x alive in memory.
   """
 
   def f(strides, padding, dilation, x, kernel):
-    return _chunked_forward(x, kernel, strides, padding, dilation)
+    return forward(x, kernel, strides, padding, dilation)
 
   def fwd(strides, padding, dilation, x, kernel):
     return f(strides, padding, dilation, x, kernel), (x, kernel)
 
   def bwd(strides, padding, dilation, res, dy):
     x, kernel = res
-    return _backward(x, kernel, dy, strides, padding, dilation)
+    return backward(x, kernel, dy, strides, padding, dilation)
 
   op = jax.custom_vjp(f, nondiff_argnums=(0, 1, 2))
   op.defvjp(fwd, bwd)
   return lambda x, kernel, strides, padding, dilation: op(strides, padding, dilation, x, kernel)
 
 
-_shifted = _make_shifted_op()
+_shifted = _make_op(_chunked_forward, _backward)
 
 
 def _ffi_attrs(strides, padding, dilation):
@@ -359,22 +360,4 @@ def _ffi_backward(x, kernel, dy, strides, padding, dilation):
   return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
-def _make_ffi_op():
-  """custom_vjp over the compiled kernels; residuals are x and the kernel, as `_shifted`."""
-
-  def f(strides, padding, dilation, x, kernel):
-    return _ffi_forward(x, kernel, strides, padding, dilation)
-
-  def fwd(strides, padding, dilation, x, kernel):
-    return f(strides, padding, dilation, x, kernel), (x, kernel)
-
-  def bwd(strides, padding, dilation, res, dy):
-    x, kernel = res
-    return _ffi_backward(x, kernel, dy, strides, padding, dilation)
-
-  op = jax.custom_vjp(f, nondiff_argnums=(0, 1, 2))
-  op.defvjp(fwd, bwd)
-  return lambda x, kernel, strides, padding, dilation: op(strides, padding, dilation, x, kernel)
-
-
-_ffi = _make_ffi_op()
+_ffi = _make_op(_ffi_forward, _ffi_backward)

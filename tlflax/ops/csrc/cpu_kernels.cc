@@ -799,36 +799,21 @@ ffi::Error MaxPoolGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   .Attr<int64_t>("window_h").Attr<int64_t>("window_w").Attr<int64_t>("stride_h")       \
       .Attr<int64_t>("stride_w").Attr<int64_t>("pad_top").Attr<int64_t>("pad_left")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxDepthwiseForward, DepthwiseForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() TLFLAX_CONV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxDepthwiseInputGrad, DepthwiseInputGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() TLFLAX_CONV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxDepthwiseWeightGrad, DepthwiseWeightGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() TLFLAX_CONV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxConvForward, ConvForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() TLFLAX_CONV_ATTRS);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxConvWeightGrad, ConvWeightGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() TLFLAX_CONV_ATTRS);
+// The convolution kernels share one signature: two float32 operands, one float32
+// result, the convolution attributes.
+#define TLFLAX_CONV_HANDLER(symbol, impl)                                               \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, impl,                                           \
+                                ffi::Ffi::Bind()                                        \
+                                    .Ctx<ffi::ThreadPool>()                             \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                       \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                       \
+                                    .Ret<ffi::Buffer<ffi::F32>>() TLFLAX_CONV_ATTRS)
+
+TLFLAX_CONV_HANDLER(TlflaxDepthwiseForward, DepthwiseForwardImpl);
+TLFLAX_CONV_HANDLER(TlflaxDepthwiseInputGrad, DepthwiseInputGradImpl);
+TLFLAX_CONV_HANDLER(TlflaxDepthwiseWeightGrad, DepthwiseWeightGradImpl);
+TLFLAX_CONV_HANDLER(TlflaxConvForward, ConvForwardImpl);
+TLFLAX_CONV_HANDLER(TlflaxConvWeightGrad, ConvWeightGradImpl);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TlflaxMaxPool, MaxPoolImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

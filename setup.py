@@ -32,7 +32,7 @@ def _extensions():
       sources=["tlflax/ops/csrc/cpu_kernels.cc"],
       include_dirs=[include],
       language="c++",
-      extra_compile_args=["-std=c++17", "-O3", "-Wno-attributes", "-Wno-sign-compare"],
+      extra_compile_args=["-std=c++17", "-O3", "-Wno-attributes", "-Wno-sign-compare", "-Wno-psabi"],
       optional=True,
   )]
 

@@ -132,7 +132,7 @@ def test_bfloat16_keeps_dtypes(small_chunks, impl):
 
 def test_default_impl_follows_env(monkeypatch):
   monkeypatch.delenv(depthwise.ENV_VAR, raising=False)
-  cpu = "ffi" if kernels.available() else "shifted"
+  cpu = "ffi" if kernels.default_on("depthwise") else "shifted"
   assert default_impl() == (cpu if jax.default_backend() == "cpu" else "lax")
   monkeypatch.setenv(depthwise.ENV_VAR, "lax")
   assert default_impl() == "lax"

@@ -47,7 +47,7 @@ def test_shifted_matches_lax(case):
 
 def test_default_impl_follows_platform_and_env(monkeypatch):
   monkeypatch.delenv("TLFLAX_DEPTHWISE_IMPL", raising=False)
-  cpu = "ffi" if kernels.available() else "shifted"
+  cpu = "ffi" if kernels.default_on("depthwise") else "shifted"
   assert depthwise.default_impl() == (cpu if jax.default_backend() == "cpu" else "lax")
   monkeypatch.setenv("TLFLAX_DEPTHWISE_IMPL", "lax")
   assert depthwise.default_impl() == "lax"

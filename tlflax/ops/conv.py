@@ -43,8 +43,10 @@ _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))  # lhs, rhs, out specs of NHW
 
 def default_impl() -> str:
   """`TLFLAX_CONV_WGRAD_IMPL` if set, else on CPU "ffi" (or "gemm" where the kernels were
-  not built), and "lax" elsewhere."""
-  return platform.choose_impl(ENV_VAR, IMPLS, "ffi" if kernels.available() else "gemm")
+  not built or are not the default at this ISA level, `kernels.default_on`), and "lax"
+  elsewhere."""
+  return platform.choose_impl(ENV_VAR, IMPLS,
+                              "ffi" if kernels.default_on("conv") else "gemm")
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,

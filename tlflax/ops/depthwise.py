@@ -38,8 +38,10 @@ _CHUNK_BYTES = 2 << 20
 
 def default_impl() -> str:
   """`TLFLAX_DEPTHWISE_IMPL` if set, else on CPU "ffi" (or "shifted" where the kernels
-  were not built), and "lax" elsewhere."""
-  return platform.choose_impl(ENV_VAR, IMPLS, "ffi" if kernels.available() else "shifted")
+  were not built or are not the default at this ISA level, `kernels.default_on`), and
+  "lax" elsewhere."""
+  return platform.choose_impl(ENV_VAR, IMPLS,
+                              "ffi" if kernels.default_on("depthwise") else "shifted")
 
 
 def depthwise_conv2d(x, kernel, *, strides=(1, 1), padding=((1, 1), (1, 1)), dilation=(1, 1),

@@ -24,8 +24,9 @@ ENV_VAR = "TLFLAX_MAX_POOL_IMPL"
 
 
 def default_impl() -> str:
-  """`TLFLAX_MAX_POOL_IMPL` if set, else "ffi" on CPU where the kernels were built, else "lax"."""
-  return platform.choose_impl(ENV_VAR, IMPLS, "ffi" if kernels.available() else "lax")
+  """`TLFLAX_MAX_POOL_IMPL` if set, else "ffi" on CPU where the kernels were built and are
+  the default at this ISA level (`kernels.default_on`), else "lax"."""
+  return platform.choose_impl(ENV_VAR, IMPLS, "ffi" if kernels.default_on("max_pool") else "lax")
 
 
 def max_pool(x, window: Sequence[int], strides: Sequence[int], padding="VALID", impl=None):

@@ -13,9 +13,18 @@
 // same threads as the rest of the step; the calling thread takes items too, so a
 // busy pool cannot deadlock a kernel.
 //
-// The channel loops are written for the compiler to vectorize; on x86-64 each
-// hot function is compiled for AVX-512, AVX2+FMA and baseline, chosen at load
-// time (target_clones), so a build on one machine runs on another.
+// The channel loops are written for the compiler to vectorize. On x86-64 each
+// hot row function is compiled three times, for AVX-512 (x86-64-v4), AVX2+FMA
+// (x86-64-v3) and baseline x86-64, each with register tiles sized for that
+// ISA's register file: a tile of 6 x 4 sixteen-float accumulators fits AVX-512's
+// 32 zmm registers but is 48 of AVX2's 16 ymm registers, and a single build with
+// one tile shape for every ISA (target_clones, until 2026-12) spilled it to the
+// stack on every multiply-add: 10-20x slower than XLA on CPUs without AVX-512.
+// The level is chosen at load time (the best the CPU has) and can be lowered
+// (`set_isa`, `TLFLAX_CPU_ISA`), so every level is tested and timed on any
+// machine that has the top one. AVX2 and AVX-512 give bit-identical results:
+// every output sums its terms in the same order with the same fused
+// multiply-adds, whatever the tile shape; baseline (no FMA) differs by rounding.
 
 #include <Python.h>
 
@@ -27,6 +36,7 @@
 #include <limits>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -38,12 +48,78 @@
 namespace ffi = xla::ffi;
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TLFLAX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define TLFLAX_X86 1
+#define TLFLAX_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define TLFLAX_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
 #else
-#define TLFLAX_CLONES
+#define TLFLAX_TARGET_AVX512
+#define TLFLAX_TARGET_AVX2
 #endif
+#define TLFLAX_INLINE inline __attribute__((always_inline))
 
 namespace {
+
+// ISA levels, lowest first. kIsaNames is what Python sees (`isa()`, `set_isa`).
+enum IsaLevel : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"baseline", "avx2", "avx512"};
+
+int SupportedIsa() {
+#ifdef TLFLAX_X86
+  if (__builtin_cpu_supports("x86-64-v4")) return kAvx512;
+  if (__builtin_cpu_supports("x86-64-v3")) return kAvx2;
+#endif
+  return kBaseline;
+}
+
+std::atomic<int> g_isa{SupportedIsa()};  // The level the kernels run at.
+
+// Each level computes on vectors of its register width. (GCC lowers a vector wider
+// than the target's registers through the stack and general registers, not as
+// pairs of registers: a 16-float vector under AVX2 ran 8x slower than under AVX-512.)
+typedef float Vec16 __attribute__((vector_size(64)));
+typedef float Vec8 __attribute__((vector_size(32)));
+typedef float Vec4 __attribute__((vector_size(16)));
+constexpr int64_t kChannelMultiple = 16;  // Conv output channels: a multiple of every width.
+
+template <typename V>
+TLFLAX_INLINE V Load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+TLFLAX_INLINE void Store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+
+// Vector type and tile shapes per level. V holds kW floats, one register. Conv
+// tiles: kMr pixels (forward) or input channels (weight gradient) times kNv
+// vectors of output channels, so kMr * kNv accumulators + kNv loads + 1 broadcast
+// stay within the register file (AVX-512: 24 + 4 + 1 of 32 zmm; AVX2 and
+// baseline: 12 + 2 + 1 of 16 ymm / xmm). kDot: accumulators of the depthwise
+// channel loops.
+struct Avx512Tiles {
+  using V = Vec16;
+  static constexpr int kW = 16, kMr = 6, kNv = 4, kDot = 4;
+};
+struct Avx2Tiles {
+  using V = Vec8;
+  static constexpr int kW = 8, kMr = 6, kNv = 2, kDot = 4;
+};
+struct BaselineTiles {
+  using V = Vec4;
+  static constexpr int kW = 4, kMr = 6, kNv = 2, kDot = 4;
+};
+constexpr int kMaxMr = 6;  // The largest kMr: buffer sizes and the dW channel split.
+
+// Calls f(std::integral_constant<int, k>) for a runtime k in [1, N], so a tile
+// loop with a compile-time size serves the edges too.
+template <int N, typename F>
+TLFLAX_INLINE void WithCount(int k, const F& f) {
+  if constexpr (N > 1) {
+    if (k < N) return WithCount<N - 1>(k, f);
+  }
+  f(std::integral_constant<int, N>{});
+}
 
 // Runs body(i) for i in [0, n) on the pool and the calling thread.
 template <typename Body>
@@ -90,41 +166,48 @@ struct Geometry {
   int64_t InCol(int64_t o, int64_t j) const { return o * sw - pl + j * dw; }
 };
 
-// 16 floats: one AVX-512 register, two AVX2 ones; the compiler splits it per target.
-typedef float Vec __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
+struct ConvGeometry {
+  Geometry g;  // g.c is the input channels.
+  int64_t co;
+};
 
-inline Vec Load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof(Vec));
-  return v;
-}
+// One ISA level's compiled row functions, called per work item by the handlers
+// (defined at the end of this namespace, once per level).
+struct RowKernels {
+  int w, nv;  // Floats per vector; vectors of output channels per conv tile.
+  void (*depthwise_forward_row)(const Geometry&, const float*, const float*, float*, int64_t,
+                                int64_t);
+  void (*depthwise_input_grad_row)(const Geometry&, const float*, const float*, float*,
+                                   int64_t, int64_t);
+  void (*depthwise_weight_grad_row)(const Geometry&, const float*, const float*, float*,
+                                    int64_t, int64_t);
+  void (*conv_weight_grad_rows)(const ConvGeometry&, const float*, const float*, float*,
+                                int64_t, int64_t, int64_t, int64_t);
+  void (*conv_forward_pixels)(const ConvGeometry&, const float*, const float*, float*, int64_t,
+                              int64_t, int64_t, int, int64_t, int64_t, bool);
+};
+const RowKernels& ActiveRows();
 
-inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
 
 // out[0:cn] = sum over taps t of a[t][0:cn] * b[t][0:cn]. Channels go in blocks
-// of 64 held in four registers across all taps, then 16, then one at a time.
-TLFLAX_CLONES void TapsDot(const float* const* a, const float* const* b, int64_t taps,
+// of T::kDot vectors held in registers across all taps, then one vector, then one
+// channel at a time.
+template <typename T>
+TLFLAX_INLINE void TapsDot(const float* const* a, const float* const* b, int64_t taps,
                            int64_t cn, float* out) {
+  using V = typename T::V;
+  constexpr int D = T::kDot, W = T::kW;
   int64_t c = 0;
-  for (; c + 4 * kLanes <= cn; c += 4 * kLanes) {
-    Vec s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  for (; c + D * W <= cn; c += D * W) {
+    V s[D] = {};
     for (int64_t t = 0; t < taps; ++t) {
-      const float* x = a[t] + c;
-      const float* y = b[t] + c;
-      s0 += Load(x) * Load(y);
-      s1 += Load(x + kLanes) * Load(y + kLanes);
-      s2 += Load(x + 2 * kLanes) * Load(y + 2 * kLanes);
-      s3 += Load(x + 3 * kLanes) * Load(y + 3 * kLanes);
+      for (int v = 0; v < D; ++v) s[v] += Load<V>(a[t] + c + v * W) * Load<V>(b[t] + c + v * W);
     }
-    Store(out + c, s0);
-    Store(out + c + kLanes, s1);
-    Store(out + c + 2 * kLanes, s2);
-    Store(out + c + 3 * kLanes, s3);
+    for (int v = 0; v < D; ++v) Store(out + c + v * W, s[v]);
   }
-  for (; c + kLanes <= cn; c += kLanes) {
-    Vec s = {};
-    for (int64_t t = 0; t < taps; ++t) s += Load(a[t] + c) * Load(b[t] + c);
+  for (; c + W <= cn; c += W) {
+    V s = {};
+    for (int64_t t = 0; t < taps; ++t) s += Load<V>(a[t] + c) * Load<V>(b[t] + c);
     Store(out + c, s);
   }
   for (; c < cn; ++c) {
@@ -135,28 +218,25 @@ TLFLAX_CLONES void TapsDot(const float* const* a, const float* const* b, int64_t
 }
 
 // out[0:cn] += sum over `len` pixels p of x[p * xstep + (0:cn)] * y[p * cn + (0:cn)].
-TLFLAX_CLONES void RowDot(const float* x, int64_t xstep, const float* y, int64_t len,
+template <typename T>
+TLFLAX_INLINE void RowDot(const float* x, int64_t xstep, const float* y, int64_t len,
                           int64_t cn, float* out) {
+  using V = typename T::V;
+  constexpr int D = T::kDot, W = T::kW;
   int64_t c = 0;
-  for (; c + 4 * kLanes <= cn; c += 4 * kLanes) {
-    Vec s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  for (; c + D * W <= cn; c += D * W) {
+    V s[D] = {};
     for (int64_t p = 0; p < len; ++p) {
       const float* a = x + p * xstep + c;
       const float* b = y + p * cn + c;
-      s0 += Load(a) * Load(b);
-      s1 += Load(a + kLanes) * Load(b + kLanes);
-      s2 += Load(a + 2 * kLanes) * Load(b + 2 * kLanes);
-      s3 += Load(a + 3 * kLanes) * Load(b + 3 * kLanes);
+      for (int v = 0; v < D; ++v) s[v] += Load<V>(a + v * W) * Load<V>(b + v * W);
     }
-    Store(out + c, Load(out + c) + s0);
-    Store(out + c + kLanes, Load(out + c + kLanes) + s1);
-    Store(out + c + 2 * kLanes, Load(out + c + 2 * kLanes) + s2);
-    Store(out + c + 3 * kLanes, Load(out + c + 3 * kLanes) + s3);
+    for (int v = 0; v < D; ++v) Store(out + c + v * W, Load<V>(out + c + v * W) + s[v]);
   }
-  for (; c + kLanes <= cn; c += kLanes) {
-    Vec s = {};
-    for (int64_t p = 0; p < len; ++p) s += Load(x + p * xstep + c) * Load(y + p * cn + c);
-    Store(out + c, Load(out + c) + s);
+  for (; c + W <= cn; c += W) {
+    V s = {};
+    for (int64_t p = 0; p < len; ++p) s += Load<V>(x + p * xstep + c) * Load<V>(y + p * cn + c);
+    Store(out + c, Load<V>(out + c) + s);
   }
   for (; c < cn; ++c) {
     float s = 0.0f;
@@ -168,7 +248,8 @@ TLFLAX_CLONES void RowDot(const float* x, int64_t xstep, const float* y, int64_t
 constexpr int64_t kMaxTaps = 49;
 
 // One output row of the depthwise forward: y[b, r, :, :].
-void DepthwiseForwardRow(const Geometry& g, const float* x, const float* k, float* y, int64_t b,
+template <typename T>
+TLFLAX_INLINE void DepthwiseForwardRow(const Geometry& g, const float* x, const float* k, float* y, int64_t b,
                          int64_t r) {
   const float* xs[kMaxTaps];
   const float* ks[kMaxTaps];
@@ -184,13 +265,14 @@ void DepthwiseForwardRow(const Geometry& g, const float* x, const float* k, floa
         ks[taps++] = k + (i * g.kw + j) * g.c;
       }
     }
-    TapsDot(xs, ks, taps, g.c, y + ((b * g.oh + r) * g.ow + q) * g.c);
+    TapsDot<T>(xs, ks, taps, g.c, y + ((b * g.oh + r) * g.ow + q) * g.c);
   }
 }
 
 // One input row of the depthwise input gradient: dx[b, r, :, :]. Input pixel
 // (r, q) receives dy[o, p] * k[i, j] wherever o*sh - pt + i*dh == r, likewise q.
-void DepthwiseInputGradRow(const Geometry& g, const float* dy, const float* k, float* dx,
+template <typename T>
+TLFLAX_INLINE void DepthwiseInputGradRow(const Geometry& g, const float* dy, const float* k, float* dx,
                            int64_t b, int64_t r) {
   const float* ds[kMaxTaps];
   const float* ks[kMaxTaps];
@@ -210,13 +292,14 @@ void DepthwiseInputGradRow(const Geometry& g, const float* dy, const float* k, f
         ks[taps++] = k + (i * g.kw + j) * g.c;
       }
     }
-    TapsDot(ds, ks, taps, g.c, dx + ((b * g.h + r) * g.w + q) * g.c);
+    TapsDot<T>(ds, ks, taps, g.c, dx + ((b * g.h + r) * g.w + q) * g.c);
   }
 }
 
 // Adds one output row's contribution to the depthwise weight gradient:
 // acc[i, j, :] += sum over p of x[b, r*sh - pt + i*dh, p*sw - pl + j*dw, :] * dy[b, r, p, :].
-void DepthwiseWeightGradRow(const Geometry& g, const float* x, const float* dy, float* acc,
+template <typename T>
+TLFLAX_INLINE void DepthwiseWeightGradRow(const Geometry& g, const float* x, const float* dy, float* acc,
                             int64_t b, int64_t r) {
   const float* dyrow = dy + (b * g.oh + r) * g.ow * g.c;
   for (int64_t i = 0; i < g.kh; ++i) {
@@ -229,7 +312,7 @@ void DepthwiseWeightGradRow(const Geometry& g, const float* x, const float* dy, 
       const int64_t last = std::min(g.ow - 1, (g.w - 1 - off) / g.sw);
       if (g.w - 1 - off < 0 || last < first) continue;
       const float* xs = x + ((b * g.h + ih) * g.w + first * g.sw + off) * g.c;
-      RowDot(xs, g.sw * g.c, dyrow + first * g.c, last - first + 1, g.c,
+      RowDot<T>(xs, g.sw * g.c, dyrow + first * g.c, last - first + 1, g.c,
              acc + (i * g.kw + j) * g.c);
     }
   }
@@ -259,8 +342,8 @@ ffi::Error DepthwiseForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const float* xp = x.typed_data();
   const float* kp = k.typed_data();
   float* yp = y->typed_data();
-  ParallelFor(pool, g.n * g.oh,
-              [&](int64_t t) { DepthwiseForwardRow(g, xp, kp, yp, t / g.oh, t % g.oh); });
+  auto row = ActiveRows().depthwise_forward_row;
+  ParallelFor(pool, g.n * g.oh, [&](int64_t t) { row(g, xp, kp, yp, t / g.oh, t % g.oh); });
   return ffi::Error::Success();
 }
 
@@ -275,8 +358,8 @@ ffi::Error DepthwiseInputGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy
   const float* dyp = dy.typed_data();
   const float* kp = k.typed_data();
   float* dxp = dx->typed_data();
-  ParallelFor(pool, g.n * g.h,
-              [&](int64_t t) { DepthwiseInputGradRow(g, dyp, kp, dxp, t / g.h, t % g.h); });
+  auto row = ActiveRows().depthwise_input_grad_row;
+  ParallelFor(pool, g.n * g.h, [&](int64_t t) { row(g, dyp, kp, dxp, t / g.h, t % g.h); });
   return ffi::Error::Success();
 }
 
@@ -299,10 +382,11 @@ ffi::Error DepthwiseWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
   std::vector<float> partial(parts * size, 0.0f);
   const float* xp = x.typed_data();
   const float* dyp = dy.typed_data();
+  auto row = ActiveRows().depthwise_weight_grad_row;
   ParallelFor(pool, parts, [&](int64_t part) {
     float* acc = partial.data() + part * size;
     for (int64_t t = rows * part / parts; t < rows * (part + 1) / parts; ++t) {
-      DepthwiseWeightGradRow(g, xp, dyp, acc, t / g.oh, t % g.oh);
+      row(g, xp, dyp, acc, t / g.oh, t % g.oh);
     }
   });
   float* out = dk->typed_data();
@@ -319,7 +403,7 @@ ffi::Error DepthwiseWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
 // a product over the long pixel axis into a small (ci x co) matrix per tap. XLA
 // computes it as a convolution that needs both operands transposed first; here it
 // is register-tiled outer products straight from the NHWC rows: kMr input
-// channels (broadcast) times up to 64 output channels (four vectors) per tile,
+// channels (broadcast) times kNv vectors of output channels per tile,
 // accumulated over a chunk of output rows that stays in L2 cache.
 
 // One contiguous run of output pixels for one kernel tap.
@@ -329,21 +413,21 @@ struct Segment {
   int64_t len;
 };
 
-constexpr int kMr = 6;  // Input channels per tile: 6 x 4 accumulators + 4 loads + 1 broadcast.
-
-template <int MR, int NV>
-inline __attribute__((always_inline)) void WeightGradTile(const Segment* segs, int64_t nsegs,
+template <typename T, int MR, int NV>
+TLFLAX_INLINE void WeightGradTile(const Segment* segs, int64_t nsegs,
                                                           int64_t xstep, int64_t co,
                                                           int64_t a0, int64_t b0, float* out) {
-  Vec acc[MR][NV];
+  using V = typename T::V;
+  constexpr int W = T::kW;
+  V acc[MR][NV];
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = Load(out + m * co + v * kLanes);
+    for (int v = 0; v < NV; ++v) acc[m][v] = Load<V>(out + m * co + v * W);
   for (int64_t s = 0; s < nsegs; ++s) {
     const float* xp = segs[s].x + a0;
     const float* dp = segs[s].dy + b0;
     for (int64_t p = 0; p < segs[s].len; ++p, xp += xstep, dp += co) {
-      Vec d[NV];
-      for (int v = 0; v < NV; ++v) d[v] = Load(dp + v * kLanes);
+      V d[NV];
+      for (int v = 0; v < NV; ++v) d[v] = Load<V>(dp + v * W);
       for (int m = 0; m < MR; ++m) {
         const float xm = xp[m];
         for (int v = 0; v < NV; ++v) acc[m][v] += d[v] * xm;
@@ -351,32 +435,27 @@ inline __attribute__((always_inline)) void WeightGradTile(const Segment* segs, i
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) Store(out + m * co + v * kLanes, acc[m][v]);
+    for (int v = 0; v < NV; ++v) Store(out + m * co + v * W, acc[m][v]);
 }
 
-template <int MR>
-inline __attribute__((always_inline)) void WeightGradTiles(const Segment* segs, int64_t nsegs,
-                                                           int64_t xstep, int64_t co,
-                                                           int64_t a0, float* out) {
+template <typename T, int MR>
+TLFLAX_INLINE void WeightGradTiles(const Segment* segs, int64_t nsegs, int64_t xstep,
+                                   int64_t co, int64_t a0, float* out) {
   int64_t b0 = 0;
-  for (; b0 + 4 * kLanes <= co; b0 += 4 * kLanes)
-    WeightGradTile<MR, 4>(segs, nsegs, xstep, co, a0, b0, out + a0 * co + b0);
-  switch ((co - b0) / kLanes) {
-    case 3: WeightGradTile<MR, 3>(segs, nsegs, xstep, co, a0, b0, out + a0 * co + b0); break;
-    case 2: WeightGradTile<MR, 2>(segs, nsegs, xstep, co, a0, b0, out + a0 * co + b0); break;
-    case 1: WeightGradTile<MR, 1>(segs, nsegs, xstep, co, a0, b0, out + a0 * co + b0); break;
-    default: break;
+  for (; b0 + T::kNv * T::kW <= co; b0 += T::kNv * T::kW)
+    WeightGradTile<T, MR, T::kNv>(segs, nsegs, xstep, co, a0, b0, out + a0 * co + b0);
+  if (const int rest = static_cast<int>((co - b0) / T::kW); rest > 0) {
+    WithCount<T::kNv>(rest, [&](auto nv) __attribute__((always_inline)) {
+      WeightGradTile<T, MR, decltype(nv)::value>(segs, nsegs, xstep, co, a0, b0,
+                                              out + a0 * co + b0);
+    });
   }
 }
 
-struct ConvGeometry {
-  Geometry g;  // g.c is the input channels.
-  int64_t co;
-};
-
 // Adds output rows [r0, r1) (flattened (n, oh)) into acc (kh * kw * ci * co floats),
 // for input channels [a_lo, a_hi) only.
-TLFLAX_CLONES void ConvWeightGradRows(const ConvGeometry& cg, const float* x, const float* dy,
+template <typename T>
+TLFLAX_INLINE void ConvWeightGradRows(const ConvGeometry& cg, const float* x, const float* dy,
                                       float* acc, int64_t r0, int64_t r1, int64_t a_lo,
                                       int64_t a_hi) {
   const Geometry& g = cg.g;
@@ -399,15 +478,12 @@ TLFLAX_CLONES void ConvWeightGradRows(const ConvGeometry& cg, const float* x, co
       float* out = acc + (i * g.kw + j) * ci * co;
       const int64_t xstep = g.sw * ci;
       int64_t a0 = a_lo;
-      for (; a0 + kMr <= a_hi; a0 += kMr)
-        WeightGradTiles<kMr>(segs.data(), nsegs, xstep, co, a0, out);
-      switch (a_hi - a0) {
-        case 5: WeightGradTiles<5>(segs.data(), nsegs, xstep, co, a0, out); break;
-        case 4: WeightGradTiles<4>(segs.data(), nsegs, xstep, co, a0, out); break;
-        case 3: WeightGradTiles<3>(segs.data(), nsegs, xstep, co, a0, out); break;
-        case 2: WeightGradTiles<2>(segs.data(), nsegs, xstep, co, a0, out); break;
-        case 1: WeightGradTiles<1>(segs.data(), nsegs, xstep, co, a0, out); break;
-        default: break;
+      for (; a0 + T::kMr <= a_hi; a0 += T::kMr)
+        WeightGradTiles<T, T::kMr>(segs.data(), nsegs, xstep, co, a0, out);
+      if (const int rest = static_cast<int>(a_hi - a0); rest > 0) {
+        WithCount<T::kMr>(rest, [&](auto mr) __attribute__((always_inline)) {
+          WeightGradTiles<T, decltype(mr)::value>(segs.data(), nsegs, xstep, co, a0, out);
+        });
       }
     }
   }
@@ -433,7 +509,7 @@ ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                      pl, dh, dwl),
                         wd[3]};
   const Geometry& g = cg.g;
-  if (wd[2] != g.c || dy.dimensions()[3] != cg.co || cg.co % kLanes != 0) {
+  if (wd[2] != g.c || dy.dimensions()[3] != cg.co || cg.co % kChannelMultiple != 0) {
     return ffi::Error::InvalidArgument(
         "tlflax conv weight gradient: shapes disagree, or output channels not a multiple of 16");
   }
@@ -444,15 +520,16 @@ ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   float* out = dw->typed_data();
   const float* xp = x.typed_data();
   const float* dyp = dy.typed_data();
+  auto rows_fn = ActiveRows().conv_weight_grad_rows;
   if (size * 4 > kSplitRowsMaxBytes) {
-    const int64_t blocks = (g.c + kMr - 1) / kMr;
+    const int64_t blocks = (g.c + kMaxMr - 1) / kMaxMr;
     const int64_t parts = std::min(blocks, kMaxParts);
     std::fill(out, out + size, 0.0f);
     ParallelFor(pool, parts, [&](int64_t part) {
-      const int64_t a_lo = kMr * (blocks * part / parts);
-      const int64_t a_hi = std::min(g.c, kMr * (blocks * (part + 1) / parts));
+      const int64_t a_lo = kMaxMr * (blocks * part / parts);
+      const int64_t a_hi = std::min(g.c, kMaxMr * (blocks * (part + 1) / parts));
       for (int64_t r = 0; r < rows; r += chunk) {
-        ConvWeightGradRows(cg, xp, dyp, out, r, std::min(rows, r + chunk), a_lo, a_hi);
+        rows_fn(cg, xp, dyp, out, r, std::min(rows, r + chunk), a_lo, a_hi);
       }
     });
     return ffi::Error::Success();
@@ -464,7 +541,7 @@ ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     std::fill(acc, acc + size, 0.0f);
     const int64_t end = rows * (part + 1) / parts;
     for (int64_t r = rows * part / parts; r < end; r += chunk) {
-      ConvWeightGradRows(cg, xp, dyp, acc, r, std::min(end, r + chunk), 0, g.c);
+      rows_fn(cg, xp, dyp, acc, r, std::min(end, r + chunk), 0, g.c);
     }
   });
   if (parts > 1) {  // Sum the parts in order, in slices across the pool.
@@ -483,8 +560,8 @@ ffi::Error ConvWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // Forward of a dense NHWC/HWIO convolution (k x k, output channels a multiple of 16):
 //   y[p, b] = sum over taps (i, j) and input channels a of x[p's input pixel for (i, j), a] * w[i, j, a, b],
 // a GEMM with the im2col matrix never formed. A tile is kMr consecutive output
-// pixels (flattened over n, oh, ow, so a tile may span rows) times up to 64 output
-// channels, held in registers across a block of kKc input channels for every tap.
+// pixels (flattened over n, oh, ow, so a tile may span rows) times kNv vectors of
+// output channels, held in registers across a block of kKc input channels for every tap.
 // A tap that falls outside the input for some pixel of the tile reads a row of
 // zeros for that pixel; a tap outside for all of them is skipped. The weight block
 // (taps x kKc x 64) stays in L2 while a group of tiles runs through it. With
@@ -494,20 +571,21 @@ constexpr int64_t kKc = 64;  // Input channels per weight block.
 constexpr int64_t kGroupPixels = 96;  // Output pixels per work item.
 alignas(64) const float kZeros[kKc] = {};
 
-template <int MR, int NV>
-inline __attribute__((always_inline)) void ConvTile(const float* const* xs,
-                                                    const float* const* ws, int64_t taps,
-                                                    int64_t kc, int64_t co, float* y,
-                                                    bool zero) {
-  Vec acc[MR][NV];
+// xs holds T::kMr pointers per tap (one per pixel of a full tile).
+template <typename T, int MR, int NV>
+TLFLAX_INLINE void ConvTile(const float* const* xs, const float* const* ws, int64_t taps,
+                            int64_t kc, int64_t co, float* y, bool zero) {
+  using V = typename T::V;
+  constexpr int W = T::kW;
+  V acc[MR][NV];
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) acc[m][v] = zero ? Vec{} : Load(y + m * co + v * kLanes);
+    for (int v = 0; v < NV; ++v) acc[m][v] = zero ? V{} : Load<V>(y + m * co + v * W);
   for (int64_t t = 0; t < taps; ++t) {
-    const float* const* xp = xs + t * kMr;
+    const float* const* xp = xs + t * T::kMr;
     const float* wp = ws[t];
     for (int64_t a = 0; a < kc; ++a, wp += co) {
-      Vec wv[NV];
-      for (int v = 0; v < NV; ++v) wv[v] = Load(wp + v * kLanes);
+      V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = Load<V>(wp + v * W);
       for (int m = 0; m < MR; ++m) {
         const float xm = xp[m][a];
         for (int v = 0; v < NV; ++v) acc[m][v] += wv[v] * xm;
@@ -515,29 +593,16 @@ inline __attribute__((always_inline)) void ConvTile(const float* const* xs,
     }
   }
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < NV; ++v) Store(y + m * co + v * kLanes, acc[m][v]);
-}
-
-template <int NV>
-inline __attribute__((always_inline)) void ConvTileMr(int mr, const float* const* xs,
-                                                      const float* const* ws, int64_t taps,
-                                                      int64_t kc, int64_t co, float* y,
-                                                      bool zero) {
-  switch (mr) {
-    case 6: ConvTile<6, NV>(xs, ws, taps, kc, co, y, zero); break;
-    case 5: ConvTile<5, NV>(xs, ws, taps, kc, co, y, zero); break;
-    case 4: ConvTile<4, NV>(xs, ws, taps, kc, co, y, zero); break;
-    case 3: ConvTile<3, NV>(xs, ws, taps, kc, co, y, zero); break;
-    case 2: ConvTile<2, NV>(xs, ws, taps, kc, co, y, zero); break;
-    default: ConvTile<1, NV>(xs, ws, taps, kc, co, y, zero); break;
-  }
+    for (int v = 0; v < NV; ++v) Store(y + m * co + v * W, acc[m][v]);
 }
 
 // Output pixels [p0, p1) (flattened (n, oh, ow)), channels [b0, b0 + 16 * nv), input
 // channels [a0, a0 + kc); adds to y unless `zero` (the first input block).
-TLFLAX_CLONES void ConvForwardPixels(const ConvGeometry& cg, const float* x, const float* w,
+template <typename T>
+TLFLAX_INLINE void ConvForwardPixels(const ConvGeometry& cg, const float* x, const float* w,
                                      float* y, int64_t p0, int64_t p1, int64_t b0, int nv,
                                      int64_t a0, int64_t kc, bool zero) {
+  constexpr int kMr = T::kMr;
   const Geometry& g = cg.g;
   const int64_t ci = g.c, co = cg.co;
   const float* xs[kMaxTaps * kMr];
@@ -565,14 +630,12 @@ TLFLAX_CLONES void ConvForwardPixels(const ConvGeometry& cg, const float* x, con
       }
     }
     float* yp = y + p * co + b0;
-    // Dispatched here, not in a helper lambda: the tiles must inline into this
-    // function's per-ISA clones.
-    switch (nv) {
-      case 4: ConvTileMr<4>(mr, xs, ws, taps, kc, co, yp, zero); break;
-      case 3: ConvTileMr<3>(mr, xs, ws, taps, kc, co, yp, zero); break;
-      case 2: ConvTileMr<2>(mr, xs, ws, taps, kc, co, yp, zero); break;
-      default: ConvTileMr<1>(mr, xs, ws, taps, kc, co, yp, zero); break;
-    }
+    // The lambdas are always_inline: the tiles must compile into this level's row function.
+    WithCount<T::kNv>(nv, [&](auto nvc) __attribute__((always_inline)) {
+      WithCount<kMr>(mr, [&](auto mrc) __attribute__((always_inline)) {
+        ConvTile<T, decltype(mrc)::value, decltype(nvc)::value>(xs, ws, taps, kc, co, yp, zero);
+      });
+    });
   }
 }
 
@@ -584,7 +647,7 @@ ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                      pl, dh, dwl),
                         wd[3]};
   const Geometry& g = cg.g;
-  if (wd[2] != g.c || y->dimensions()[3] != cg.co || cg.co % kLanes != 0 ||
+  if (wd[2] != g.c || y->dimensions()[3] != cg.co || cg.co % kChannelMultiple != 0 ||
       g.kh * g.kw > kMaxTaps) {
     return ffi::Error::InvalidArgument(
         "tlflax conv forward: shapes disagree, output channels not a multiple of 16, or "
@@ -592,16 +655,18 @@ ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   }
   const int64_t pixels = g.n * g.oh * g.ow;
   const int64_t groups = (pixels + kGroupPixels - 1) / kGroupPixels;
-  const int64_t cblocks = (cg.co + 4 * kLanes - 1) / (4 * kLanes);
+  const RowKernels& k = ActiveRows();
+  const int64_t block = k.nv * k.w;  // Output channels per work item.
+  const int64_t cblocks = (cg.co + block - 1) / block;
   const float* xp = x.typed_data();
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
   ParallelFor(pool, groups * cblocks, [&](int64_t item) {
-    const int64_t p0 = (item / cblocks) * kGroupPixels, b0 = (item % cblocks) * 4 * kLanes;
-    const int nv = static_cast<int>(std::min<int64_t>(4, (cg.co - b0) / kLanes));
+    const int64_t p0 = (item / cblocks) * kGroupPixels, b0 = (item % cblocks) * block;
+    const int nv = static_cast<int>(std::min<int64_t>(k.nv, (cg.co - b0) / k.w));
     for (int64_t a0 = 0; a0 < g.c; a0 += kKc) {
-      ConvForwardPixels(cg, xp, wp, yp, p0, std::min(pixels, p0 + kGroupPixels), b0, nv, a0,
-                        std::min(kKc, g.c - a0), a0 == 0);
+      k.conv_forward_pixels(cg, xp, wp, yp, p0, std::min(pixels, p0 + kGroupPixels), b0, nv,
+                            a0, std::min(kKc, g.c - a0), a0 == 0);
     }
   });
   return ffi::Error::Success();
@@ -612,10 +677,10 @@ ffi::Error ConvForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 // maximum in row-major tap order, or the first NaN (which propagates, as in lax).
 // A window with no tap inside the input gets index 255 (no input to credit).
 //
-// The compare-and-blend loops are written with AVX-512 intrinsics where the CPU
-// has them: GCC lowers vector compares for the baseline ISA even inside
-// target_clones clones, which made them scalar (8x slower than lax). Elsewhere,
-// and for the last channels short of 16, plain loops.
+// The compare-and-blend loops are written with AVX-512 or AVX2 intrinsics, by the
+// active level: GCC lowers generic vector compares for the baseline ISA even in
+// functions built for a higher one, which made them scalar (8x slower than lax).
+// Baseline, and the last channels short of a vector, use plain loops.
 
 // Max (and argmax tap) over the n taps of 16 channels starting at each taps[t].
 template <bool kIndex>
@@ -638,8 +703,7 @@ inline __attribute__((always_inline)) void MaxTapsScalar(const float* const* tap
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TLFLAX_AVX512 1
+#ifdef TLFLAX_X86
 template <bool kIndex>
 __attribute__((target("avx512f"))) int64_t MaxTapsAvx512(const float* const* taps,
                                                          const int32_t* ids, int64_t n,
@@ -682,9 +746,50 @@ __attribute__((target("avx512f"))) int64_t AddWhereAvx512(float* dst, const floa
   return c;
 }
 
-bool HasAvx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  return has;
+// The same with AVX2, 8 channels at a time.
+template <bool kIndex>
+__attribute__((target("avx2"))) int64_t MaxTapsAvx2(const float* const* taps,
+                                                     const int32_t* ids, int64_t n,
+                                                     int64_t channels, float* best,
+                                                     uint8_t* index) {
+  int64_t c = 0;
+  for (; c + 8 <= channels; c += 8) {
+    __m256 m = _mm256_loadu_ps(taps[0] + c);
+    __m256i id = _mm256_set1_epi32(ids[0]);
+    for (int64_t t = 1; t < n; ++t) {
+      const __m256 v = _mm256_loadu_ps(taps[t] + c);
+      const __m256 take = _mm256_and_ps(
+          _mm256_cmp_ps(m, m, _CMP_ORD_Q),
+          _mm256_or_ps(_mm256_cmp_ps(v, m, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+      m = _mm256_blendv_ps(m, v, take);
+      if (kIndex) {
+        id = _mm256_castps_si256(_mm256_blendv_ps(
+            _mm256_castsi256_ps(id), _mm256_castsi256_ps(_mm256_set1_epi32(ids[t])), take));
+      }
+    }
+    _mm256_storeu_ps(best + c, m);
+    if (kIndex) {
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), id);
+      for (int l = 0; l < 8; ++l) index[c + l] = static_cast<uint8_t>(lanes[l]);
+    }
+  }
+  return c;
+}
+
+__attribute__((target("avx2"))) int64_t AddWhereAvx2(float* dst, const float* src,
+                                                     const uint8_t* index, int32_t tap,
+                                                     int64_t channels) {
+  int64_t c = 0;
+  const __m256i want = _mm256_set1_epi32(tap);
+  for (; c + 8 <= channels; c += 8) {
+    const __m256i ids = _mm256_cvtepu8_epi32(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(index + c)));
+    const __m256 hit = _mm256_castsi256_ps(_mm256_cmpeq_epi32(ids, want));
+    _mm256_storeu_ps(dst + c, _mm256_add_ps(_mm256_loadu_ps(dst + c),
+                                            _mm256_and_ps(hit, _mm256_loadu_ps(src + c))));
+  }
+  return c;
 }
 #endif
 
@@ -713,8 +818,13 @@ void MaxPoolRow(const Geometry& g, const float* x, float* y, uint8_t* index, int
       continue;
     }
     int64_t done = 0;
-#ifdef TLFLAX_AVX512
-    if (HasAvx512()) done = MaxTapsAvx512<kIndex>(taps, ids, n, g.c, y + o, ip);
+#ifdef TLFLAX_X86
+    const int isa = g_isa.load(std::memory_order_relaxed);
+    if (isa >= kAvx512) {
+      done = MaxTapsAvx512<kIndex>(taps, ids, n, g.c, y + o, ip);
+    } else if (isa >= kAvx2) {
+      done = MaxTapsAvx2<kIndex>(taps, ids, n, g.c, y + o, ip);
+    }
 #endif
     MaxTapsScalar<kIndex>(taps, ids, n, done, g.c, y + o, ip);
   }
@@ -766,8 +876,13 @@ void MaxPoolGradImage(const Geometry& g, const float* dy, const uint8_t* index, 
           const int32_t tap = static_cast<int32_t>(i * g.kw + j);
           float* in = img + (ih * g.w + iw) * g.c;
           int64_t c = 0;
-#ifdef TLFLAX_AVX512
-          if (HasAvx512()) c = AddWhereAvx512(in, dy + o, index + o, tap, g.c);
+#ifdef TLFLAX_X86
+          const int isa = g_isa.load(std::memory_order_relaxed);
+          if (isa >= kAvx512) {
+            c = AddWhereAvx512(in, dy + o, index + o, tap, g.c);
+          } else if (isa >= kAvx2) {
+            c = AddWhereAvx2(in, dy + o, index + o, tap, g.c);
+          }
 #endif
           for (; c < g.c; ++c) {
             if (index[o + c] == tap) in[c] += dy[o + c];
@@ -788,6 +903,52 @@ ffi::Error MaxPoolGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy,
   float* dxp = dx->typed_data();
   ParallelFor(pool, g.n, [&](int64_t b) { MaxPoolGradImage(g, dyp, ip, dxp, b); });
   return ffi::Error::Success();
+}
+
+// One level's row functions: the templates above inlined into functions built
+// for that level's ISA (the target attribute applies to what is inlined).
+#define TLFLAX_ROW_KERNELS(TILES, ATTR)                                                      \
+  ATTR void DepthwiseForwardRow_##TILES(const Geometry& g, const float* a, const float* b,   \
+                                        float* out, int64_t n, int64_t r) {                  \
+    DepthwiseForwardRow<TILES>(g, a, b, out, n, r);                                          \
+  }                                                                                          \
+  ATTR void DepthwiseInputGradRow_##TILES(const Geometry& g, const float* a, const float* b, \
+                                          float* out, int64_t n, int64_t r) {                \
+    DepthwiseInputGradRow<TILES>(g, a, b, out, n, r);                                        \
+  }                                                                                          \
+  ATTR void DepthwiseWeightGradRow_##TILES(const Geometry& g, const float* a,                \
+                                           const float* b, float* out, int64_t n,            \
+                                           int64_t r) {                                      \
+    DepthwiseWeightGradRow<TILES>(g, a, b, out, n, r);                                       \
+  }                                                                                          \
+  ATTR void ConvWeightGradRows_##TILES(const ConvGeometry& cg, const float* a,               \
+                                       const float* b, float* out, int64_t r0, int64_t r1,   \
+                                       int64_t lo, int64_t hi) {                             \
+    ConvWeightGradRows<TILES>(cg, a, b, out, r0, r1, lo, hi);                                \
+  }                                                                                          \
+  ATTR void ConvForwardPixels_##TILES(const ConvGeometry& cg, const float* a, const float* b, \
+                                      float* out, int64_t p0, int64_t p1, int64_t b0, int nv, \
+                                      int64_t a0, int64_t kc, bool zero) {                   \
+    ConvForwardPixels<TILES>(cg, a, b, out, p0, p1, b0, nv, a0, kc, zero);                   \
+  }                                                                                          \
+  const RowKernels kRows_##TILES = {TILES::kW,                                               \
+                                    TILES::kNv,                                              \
+                                    &DepthwiseForwardRow_##TILES,                            \
+                                    &DepthwiseInputGradRow_##TILES,                          \
+                                    &DepthwiseWeightGradRow_##TILES,                         \
+                                    &ConvWeightGradRows_##TILES,                             \
+                                    &ConvForwardPixels_##TILES};
+
+TLFLAX_ROW_KERNELS(Avx512Tiles, TLFLAX_TARGET_AVX512)
+TLFLAX_ROW_KERNELS(Avx2Tiles, TLFLAX_TARGET_AVX2)
+TLFLAX_ROW_KERNELS(BaselineTiles, )
+
+const RowKernels& ActiveRows() {
+  switch (g_isa.load(std::memory_order_relaxed)) {
+    case kAvx512: return kRows_Avx512Tiles;
+    case kAvx2: return kRows_Avx2Tiles;
+    default: return kRows_BaselineTiles;
+  }
 }
 
 }  // namespace
@@ -864,8 +1025,36 @@ PyObject* Targets(PyObject*, PyObject*) {
   return dict;
 }
 
+PyObject* Isa(PyObject*, PyObject*) { return PyUnicode_FromString(kIsaNames[g_isa.load()]); }
+
+PyObject* SupportedIsaName(PyObject*, PyObject*) {
+  return PyUnicode_FromString(kIsaNames[SupportedIsa()]);
+}
+
+// set_isa(name): run the kernels at a level at most the CPU's (for tests and benchmarks).
+PyObject* SetIsa(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  for (int level = kBaseline; level <= kAvx512; ++level) {
+    if (std::strcmp(name, kIsaNames[level]) != 0) continue;
+    if (level > SupportedIsa()) {
+      PyErr_Format(PyExc_ValueError, "ISA level %s is above this CPU's (%s)", name,
+                   kIsaNames[SupportedIsa()]);
+      return nullptr;
+    }
+    g_isa.store(level);
+    Py_RETURN_NONE;
+  }
+  PyErr_Format(PyExc_ValueError, "unknown ISA level %s; expected baseline, avx2 or avx512",
+               name);
+  return nullptr;
+}
+
 PyMethodDef kMethods[] = {
     {"targets", Targets, METH_NOARGS, "FFI target name -> XLA FFI handler capsule."},
+    {"isa", Isa, METH_NOARGS, "The ISA level the kernels run at."},
+    {"supported_isa", SupportedIsaName, METH_NOARGS, "The highest ISA level this CPU runs."},
+    {"set_isa", SetIsa, METH_O, "Runs the kernels at a level at most supported_isa()."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_cpu_kernels",

@@ -4,7 +4,9 @@ Not a test. For each layer (batch 32, 224 px shapes) the forward (lax's
 convolution vs the kernel's implicit GEMM) and the weight gradient (the vjp
 with `TLFLAX_CONV_WGRAD_IMPL=lax` vs `ffi`), interleaved round by round;
 medians in ms and GFLOP/s. Set XLA_FLAGS as tlflax.main does to compare
-against the Eigen convolution it uses.
+against the Eigen convolution it uses. `TLFLAX_CPU_ISA=avx2` (with
+`XLA_FLAGS=--xla_cpu_max_isa=AVX2` for XLA's side) times the AVX2 build on an
+AVX-512 machine.
 
   python benchmarks/conv_layer.py [--batch 32] [--repeats 5]
 """
@@ -79,8 +81,10 @@ def main():
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--repeats", type=int, default=5)
   args = p.parse_args()
+  from tlflax.ops import kernels  # pylint: disable=import-outside-toplevel
   print(f"# medians of {args.repeats}, batch {args.batch}, ms (GFLOP/s); load "
-        f"{os.getloadavg()[0]:.2f}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+        f"{os.getloadavg()[0]:.2f}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; kernels at "
+        f"{kernels.isa()} (TLFLAX_CPU_ISA; CPU {kernels.supported_isa()})")
   print(f"{'layer':22s}" + "".join(f"{k:>18s}" for k in ("fwd lax", "fwd ffi", "dW lax", "dW ffi")))
   for name, size, shape, strides, padding in LAYERS:
     medians, flops = time_layer(args.batch, size, shape, strides, padding, args.repeats)

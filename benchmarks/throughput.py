@@ -147,6 +147,8 @@ def op_impls() -> dict:
       impls[name] = importlib.import_module(module).default_impl()
     except (ImportError, AttributeError):
       impls[name] = "lax"
+  from tlflax.ops import kernels  # The ISA level the compiled kernels ran at (TLFLAX_CPU_ISA).
+  impls["kernel_isa"] = kernels.isa() if kernels.available() else None
   return impls
 
 

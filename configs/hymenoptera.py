@@ -19,10 +19,11 @@ placeholder is skipped, val 153). Strategies (the config argument):
 
 Reference (torchvision, same MobileNetV2 weights, tutorial recipe, 15 epochs, this
 machine): 0.954 full fine-tune, 0.961 fixed features (final epoch).
-Measured with tlflax (final epoch, 15 epochs, 2-core CPU): linear 0.961 (147/153) with seeds
-0 and 2, 0.954 with seed 1; the sweep behind the defaults is summarised in README "Results".
-Momentum SGD on the head overfits here (0.974 at epoch 2, 0.935 at the end); training more
-stages never beat the linear head (0.93-0.954).
+Measured: experiments/results/hymenoptera_linear.json (`python -m tlflax.reproduce
+hymenoptera_linear`, shown in README "Results"). The other strategies over three seeds:
+experiments/results/hymenoptera_strategies/results.md; the recipe sweep behind the defaults is
+summarised in README "Results" (momentum SGD on the head overfits here; training more stages
+never beat the linear head).
 """
 from tlflax import presets
 from tlflax.config import base_config

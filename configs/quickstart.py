@@ -10,10 +10,10 @@ stratified 80/20 split (1437 train / 360 val).
 Recipe: the last two stages (features_14-18) and a new head train; the rest of
 the backbone and its BatchNorm statistics stay frozen.
 
-Measured (2-core x86_64 CPU, jax 0.10.2): final val accuracy 0.978 (352/360), top-5 1.0,
-whole command 28 s (176 steps of batch 32, ~300 img/s). An earlier version of the depthwise
-kernel gradient (same values to 1e-5, different rounding) ended at 0.992: one digit image is
-0.28 points, so read the figure as about 0.98.
+Measured: experiments/results/quickstart.json (final val accuracy, wall time, machine, commit;
+made by `python -m tlflax.reproduce quickstart`, shown in README "Results"). One digit image
+is 0.28 points of accuracy, and kernels with other rounding move a few images, so read the
+figure to about +-0.01.
 """
 from tlflax.config import base_config
 

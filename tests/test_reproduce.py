@@ -174,3 +174,16 @@ def test_the_registry_covers_the_readme_and_validates(tmp_path, monkeypatch):
   text = (REPO / "README.md").read_text()
   for kind in entries.TABLES:
     assert f"<!-- reproduce:{kind} -->" in text and f"<!-- /reproduce:{kind} -->" in text
+
+
+def test_training_loss_figures_read_tensorboard(tmp_path):
+  """`train/loss`: the last logged value; `mean/train/loss`: the mean of all of them."""
+  from clu import metric_writers  # pylint: disable=g-import-not-at-top
+  writer = metric_writers.create_default_writer(str(tmp_path))
+  for step, loss in ((10, 3.0), (20, 2.0), (30, 1.0)):
+    writer.write_scalars(step, {"train/loss": loss})
+  writer.close()
+  (tmp_path / "summary.json").write_text(json.dumps({"eval/AP": 0.5}))
+  entry = Entry("det", TINY, ("train/loss", "mean/train/loss", "eval/AP", "eval/absent"))
+  assert runner.figures(entry, tmp_path) == {
+      "train/loss": pytest.approx(1.0), "mean/train/loss": pytest.approx(2.0), "eval/AP": 0.5}

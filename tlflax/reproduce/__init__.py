@@ -18,7 +18,7 @@ WORKROOT/<name> --config.a.b=V ...` in a subprocess (the sweep runner of
   python -m tlflax.reproduce --list                    entries, their state and bands
   python -m tlflax.reproduce                           every full entry (hours on a CPU)
   python -m tlflax.reproduce pets_seg_fcn quickstart   some of them
-  python -m tlflax.reproduce --quick --workroot /tmp/q  the CI check (~3 min, writes nothing
+  python -m tlflax.reproduce --quick --workroot /tmp/q  the CI check (~3.5 min, writes nothing
                                                        into the tree: results go to
                                                        /tmp/q/results/)
   python -m tlflax.reproduce --accept NAMES            expected.json := the latest results

@@ -66,7 +66,7 @@ FULL = [
 ]
 
 # The CI check: each quick entry is its full entry cut short (eval only at the end), the set
-# ~3.5 min wall (3 min of CPU) on the 2-core CPU while another training run shared it. Bands
+# 3.5 min wall (3 min of CPU) on the 2-core CPU while other jobs shared it (load 4-8). Bands
 # in experiments/results/expected.json come from seeds 0, 1, 2 (`--seeds 0,1,2`, then
 # `--accept`): tol = max(floor, 3 x spread). Eval figures of such short runs move with the
 # seed (the head is still learning; BatchNorm running statistics of the segmentation model

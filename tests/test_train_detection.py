@@ -27,6 +27,17 @@ def tiny_pets_config(head="retinanet", total_steps=2):
   return c
 
 
+def test_detection_head_kwargs_reach_the_head():
+  """The shipped RetinaNet recipe has GroupNorm towers (`config.detection.head_kwargs`)."""
+  config = tiny_pets_config("retinanet")
+  assert config.detection.head_kwargs.group_norm
+  _, variables = train.create_module(config, 2)
+  assert "norm_0" in variables["params"]["head"]["cls_tower"]
+  config.detection.head_kwargs.group_norm = False
+  _, variables = train.create_module(config, 2)
+  assert "norm_0" not in variables["params"]["head"]["cls_tower"]
+
+
 @pytest.mark.parametrize("head", ["retinanet", "fcos"])
 def test_training_steps_lower_the_loss_on_real_boxes(head):
   config = tiny_pets_config(head)

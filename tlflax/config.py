@@ -89,6 +89,9 @@ def detection_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.head = "retinanet"  # retinanet, fcos.
   c.fpn_channels = 256
+  # Head fields (`tlflax.heads.DETECTION_HEADS`), e.g. group_norm=True: GroupNorm in
+  # RetinaNet's towers (torchvision's v2; FCOS always has it).
+  c.head_kwargs = ml_collections.ConfigDict()
   c.score_threshold = 0.05  # Eval / predict post-processing, as torchvision's defaults.
   c.iou_threshold = 0.5  # Per-class NMS.
   c.pre_nms_top_k = 1000

@@ -71,7 +71,8 @@ def create_module(config, num_classes: int):
     det = config.detection
     return models.create_detection_model(
         det.head, mcfg.name, pretrained_backbone=mcfg.pretrained,
-        image_size=config.data.image_size, fpn_channels=det.fpn_channels, **kwargs)
+        image_size=config.data.image_size, fpn_channels=det.fpn_channels,
+        head_kwargs=dict(det.get("head_kwargs", {})), **kwargs)
   if task != "classification":
     raise ValueError(f"config.task={task!r} has no model builder; use classification, "
                      "segmentation or detection.")

@@ -95,8 +95,9 @@ def results_for(entry: Entry, runs: Sequence[experiments.Run],
   metrics = {m: sum(f[m] for f in per_run) / len(per_run) for m in entry.metrics
              if all(m in f for f in per_run)}
   stamp = records[-1].get("stamp") or dict(provenance.stamp(repo), stamped="at collection")
+  # overrides, command, summary, best, workdir: the first seed's run (the others under seeds).
   out = {"name": entry.name, "config": entry.config, "overrides": runs[0].cli,
-         "command": records[-1].get("command"), "metrics": metrics,
+         "command": records[0].get("command"), "metrics": metrics,
          "wall_s": round(sum(r.get("wall_s") or 0.0 for r in records), 1),
          "summary": experiments.read_json(runs[0].workdir / "summary.json", {}),
          "best": best_of(entry, runs[0].workdir), "workdir": str(runs[0].workdir), **stamp}

@@ -54,9 +54,11 @@ def row(entry: Entry, record: Optional[Dict[str, Any]]) -> Dict[str, str]:
   if record is None or not all(m in record.get("metrics", {}) for m in entry.metrics):
     return dict(cells, figure=NOT_MADE, wall="-", measured="-")
   figure = FIGURE[entry.table](entry, record)
+  wall = f"{record['wall_s']:.0f} s"
   if record.get("seeds"):
     figure += f" (mean of {len(record['seeds'])} seeds)"
-  return dict(cells, figure=figure, wall=f"{record['wall_s']:.0f} s", measured=measured(record))
+    wall += f" ({len(record['seeds'])} runs)"
+  return dict(cells, figure=figure, wall=wall, measured=measured(record))
 
 
 def table(kind: str, entries: Sequence[Entry], results: Dict[str, Dict[str, Any]]) -> str:

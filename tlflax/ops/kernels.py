@@ -29,7 +29,7 @@ ISA_LEVELS = ("baseline", "avx2", "avx512")  # Lowest first, as the extension na
 
 # Op -> ISA levels at which its kernel is the CPU default (benchmarks/README.md, "ISA
 # levels and shipped configs": every shipped config's train step at 1.07-1.33x with the
-# kernels at AVX2, 1.00-1.33x at AVX-512). Baseline x86-64 (no FMA, 4-float vectors)
+# kernels at AVX2, 1.03-1.33x at AVX-512). Baseline x86-64 (no FMA, 4-float vectors)
 # measured 2.5-3x slower than XLA on 3x3 convolutions: no kernel there.
 DEFAULT_LEVELS = {
     "conv": ("avx2", "avx512"),

@@ -58,21 +58,27 @@ def _load() -> str | None:
   return None
 
 
-def _module():
+def _module(what: str = "CPU kernels"):
+  """The loaded extension, or a RuntimeError saying why `what` cannot run."""
   reason = _load()
   if reason is not None:
-    raise RuntimeError(f"CPU kernels unavailable: {reason}.")
+    raise RuntimeError(f"{what} unavailable: {reason}.")
   from tlflax.ops import _cpu_kernels  # pylint: disable=import-outside-toplevel
   return _cpu_kernels
+
+
+def _up_to(level: str) -> tuple[str, ...]:
+  """The levels from baseline through `level`."""
+  return ISA_LEVELS[:ISA_LEVELS.index(level) + 1]
 
 
 def _set_isa(module, level: str, what: str) -> None:
   if level not in ISA_LEVELS:
     raise ValueError(f"{what}: unknown ISA level; expected one of {ISA_LEVELS}.")
   supported = module.supported_isa()
-  if ISA_LEVELS.index(level) > ISA_LEVELS.index(supported):
+  if level not in _up_to(supported):
     raise ValueError(f"{what}: this CPU runs at most {supported!r}; expected one of "
-                     f"{ISA_LEVELS[:ISA_LEVELS.index(supported) + 1]}.")
+                     f"{_up_to(supported)}.")
   module.set_isa(level)
 
 
@@ -99,7 +105,7 @@ def runnable_isas() -> tuple[str, ...]:
   """Every level this CPU can run, lowest first (empty where the kernels are not built)."""
   if not available():
     return ()
-  return ISA_LEVELS[:ISA_LEVELS.index(supported_isa()) + 1]
+  return _up_to(supported_isa())
 
 
 def set_isa(level: str) -> None:
@@ -118,8 +124,6 @@ def default_on(op: str) -> bool:
 
 def call(target: str, out_types, *args, **attrs):
   """`jax.ffi.ffi_call` of one registered target; integer attributes go as int64."""
-  reason = _load()
-  if reason is not None:
-    raise RuntimeError(f"CPU kernel {target!r} unavailable: {reason}.")
+  _module(f"CPU kernel {target!r}")
   attrs = {k: np.int64(v) for k, v in attrs.items()}
   return jax.ffi.ffi_call(target, out_types, vmap_method="sequential")(*args, **attrs)
